@@ -1,0 +1,214 @@
+"""Tokenizer benchmark: scforge's binned tokenizer against scGPT's own pipeline, plus memory scaling.
+
+    python benchmarks/tokenize.py            # full: 3 alternating rounds, 10x / 100x streaming, RSS
+    python benchmarks/tokenize.py --quick    # the 14k-cell comparison only (under a minute)
+
+Reference pipeline (scGPT 0.2.4 wheel): ``Preprocessor(normalize_total=1e4, log1p=True,
+binning=51)`` then ``tokenize_and_pad_batch(max_len=3001, pad_value=-2, append_cls=True,
+include_zero_gene=False)``, the cell-type annotation tutorial's settings. scforge does the same
+work: ``BinnedTokenizer(max_len=3001)`` and padding of every cell into one batch. Both run on the
+same cells (ifnb full, genes restricted to the scGPT vocabulary), alternating, medians reported.
+Memory: each size runs in a fresh process and reports its peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+IFNB = SHARED / "ifnb" / "ifnb_full_13999_partial_labels.h5ad"
+WORK = ROOT / "benchmarks" / "_work"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def load_inputs():
+    import anndata as ad
+
+    from scforge.genes import builtin
+
+    vocab = builtin.resolve_vocab("scgpt-human")
+    adata = ad.read_h5ad(IFNB)
+    in_vocab = vocab.lookup(list(adata.var_names)) >= 0
+    adata = adata[:, in_vocab].copy()  # the tutorial's vocabulary filter, done once for both sides
+    return adata, vocab
+
+
+def run_reference(adata, vocab) -> float:
+    from scforge.testing.scgpt_reference import load_scgpt_reference, vocab_stand_in
+
+    ref = load_scgpt_reference()
+    t0 = time.perf_counter()
+    work = adata.copy()
+    ref.Preprocessor(normalize_total=1e4, log1p=True, binning=51, result_binned_key="X_binned")(work)
+    gene_ids = vocab.lookup(list(work.var_names))
+    mapping = {"<pad>": vocab.special_id("pad"), "<cls>": vocab.special_id("cls")}
+    ref.tokenize_and_pad_batch(
+        work.layers["X_binned"], gene_ids, max_len=3001, vocab=vocab_stand_in(mapping),
+        pad_token="<pad>", pad_value=-2, append_cls=True, include_zero_gene=False,
+    )
+    return time.perf_counter() - t0
+
+
+def run_scforge(adata, vocab) -> float:
+    from scforge.tokenize import BinnedTokenizer
+
+    t0 = time.perf_counter()
+    tok = BinnedTokenizer(vocab, max_len=3001)
+    cells = tok.tokenize(adata)
+    cells.pad()  # the same padded [cells, L] output the reference returns
+    return time.perf_counter() - t0
+
+
+def other_tokenizers(adata) -> dict[str, float]:
+    """Cells/s of the rank-value and log-bin tokenizers on the same cells (in memory)."""
+    from scforge.genes import builtin
+    from scforge.tokenize import LogBinTokenizer, RankValueTokenizer
+
+    out = {}
+    rank = RankValueTokenizer(builtin.resolve_geneformer("geneformer-v2"))
+    t0 = time.perf_counter()
+    rank.tokenize(adata)
+    out["rank_value_cells_per_s"] = adata.n_obs / (time.perf_counter() - t0)
+    # scBERT's published panel is not distributable here: the data's own genes stand in for it
+    panel = LogBinTokenizer(list(adata.var_names))
+    t0 = time.perf_counter()
+    panel.tokenize(adata)
+    out["log_bin_cells_per_s"] = adata.n_obs / (time.perf_counter() - t0)
+    return out
+
+
+# ---- streaming memory scaling ------------------------------------------------------------------
+def replicated_h5ad(times: int) -> Path:
+    """ifnb full replicated ``times`` x along cells, written block by block (never all in memory)."""
+    import anndata as ad
+    import h5py
+    import pandas as pd
+    from anndata.experimental import sparse_dataset
+    from anndata.io import write_elem
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    path = WORK / f"ifnb_x{times}.h5ad"
+    if path.exists():
+        return path
+    src = ad.read_h5ad(IFNB)
+    tmp = path.with_suffix(".tmp")
+    with h5py.File(tmp, "w") as f:
+        f.attrs["encoding-type"] = "anndata"
+        f.attrs["encoding-version"] = "0.1.0"
+        obs = pd.DataFrame(index=[f"{name}-{k}" for k in range(times) for name in src.obs_names])
+        write_elem(f, "obs", obs)
+        write_elem(f, "var", src.var)
+        write_elem(f, "X", src.X)
+        x = sparse_dataset(f["X"])
+        for _ in range(times - 1):
+            x.append(src.X)
+    tmp.rename(path)
+    return path
+
+
+def stream_worker(times: int) -> dict:
+    """Tokenize a replicated backed file chunk by chunk; return cells/s and this process's peak RSS."""
+    import anndata as ad
+
+    from scforge.genes import builtin
+    from scforge.tokenize import BinnedTokenizer
+
+    path = IFNB if times == 1 else replicated_h5ad(times)
+    vocab = builtin.resolve_vocab("scgpt-human")
+    adata = ad.read_h5ad(path, backed="r")
+    tok = BinnedTokenizer(vocab, max_len=3001)
+    t0 = time.perf_counter()
+    n_cells = n_tokens = 0
+    for chunk in tok.iter_chunks(adata):
+        n_cells += chunk.n_cells
+        n_tokens += chunk.n_tokens
+    elapsed = time.perf_counter() - t0
+    return {"cells": n_cells, "tokens": n_tokens, "seconds": elapsed,
+            "cells_per_s": n_cells / elapsed, "peak_rss_mb": peak_rss_mb()}
+
+
+def reference_worker(times: int) -> dict:
+    """The reference pipeline on ``times`` x the cells (it needs everything in memory)."""
+    import anndata as ad
+
+    adata, vocab = load_inputs()
+    if times > 1:
+        adata = ad.concat([adata] * times, index_unique="-")
+    seconds = run_reference(adata, vocab)
+    return {"cells": adata.n_obs, "seconds": seconds, "cells_per_s": adata.n_obs / seconds,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def in_subprocess(kind: str, times: int) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", kind, "--times", str(times)],
+        check=True, capture_output=True, text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="14k-cell comparison only")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--worker", choices=["stream", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--times", type=int, default=1, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        result = stream_worker(args.times) if args.worker == "stream" else reference_worker(args.times)
+        print(json.dumps(result))
+        return
+    if not IFNB.exists():
+        sys.exit(f"benchmark data not found: {IFNB} (needs ../shared/data)")
+
+    adata, vocab = load_inputs()
+    print(f"cells {adata.n_obs:,} x genes in vocab {adata.n_vars:,}, nnz {adata.X.nnz:,}")
+    rounds = args.rounds or (1 if args.quick else 3)
+    run_scforge(adata, vocab)  # warm-up (imports, first-touch allocations)
+    ref_t, ours_t = [], []
+    for r in range(rounds):
+        ours_t.append(run_scforge(adata, vocab))
+        ref_t.append(run_reference(adata, vocab))
+        print(f"round {r + 1}: scGPT reference {ref_t[-1]:.2f} s   scforge {ours_t[-1]:.3f} s")
+    ours_t.append(run_scforge(adata, vocab))
+    ref_med, ours_med = statistics.median(ref_t), statistics.median(ours_t)
+    speedup = ref_med / ours_med
+    cells_per_s = adata.n_obs / ours_med
+    print(f"\n{'':24}{'median s':>10}{'cells/s':>12}")
+    print(f"{'scGPT reference':24}{ref_med:10.2f}{adata.n_obs / ref_med:12,.0f}")
+    print(f"{'scforge BinnedTokenizer':24}{ours_med:10.3f}{cells_per_s:12,.0f}")
+    print(f"speedup {speedup:.0f}x")
+
+    rss_growth = float("nan")
+    if not args.quick:
+        for name, value in other_tokenizers(adata).items():
+            print(f"{name}: {value:,.0f}")
+        print("\nstreaming from backed .h5ad (fresh process per size):")
+        stream = {t: in_subprocess("stream", t) for t in (1, 10, 100)}
+        for t, res in stream.items():
+            print(f"  scforge x{t:<4} {res['cells']:>10,} cells {res['cells_per_s']:>10,.0f} cells/s  "
+                  f"peak RSS {res['peak_rss_mb']:8.0f} MB")
+        rss_growth = stream[100]["peak_rss_mb"] - stream[1]["peak_rss_mb"]
+        for t in (1, 2):
+            res = in_subprocess("reference", t)
+            print(f"  scGPT  x{t:<4} {res['cells']:>10,} cells {res['cells_per_s']:>10,.0f} cells/s  "
+                  f"peak RSS {res['peak_rss_mb']:8.0f} MB (in memory, densified)")
+    print(f"RESULT tokenize speedup_vs_scgpt={speedup:.1f} cells_per_s={cells_per_s:.0f} "
+          f"rss_growth_mb={rss_growth:.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""The ``scforge`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from scforge.errors import ScforgeError
+
+logger = logging.getLogger("scforge")
+
+MODELS = ("scgpt", "geneformer", "scbert")
+
+
+def _read_data(spec: str) -> Any:
+    """An .h5ad path (opened backed, read-only) or the name of a scanpy bundled dataset."""
+    import anndata as ad
+
+    if spec == "pbmc68k_reduced":
+        import scanpy as sc
+
+        return sc.datasets.pbmc68k_reduced()
+    path = Path(spec)
+    if not path.exists():
+        raise ScforgeError(f"Data file {spec!r} not found. Give an .h5ad path or 'pbmc68k_reduced'.")
+    if path.suffix != ".h5ad":
+        raise ScforgeError(f"{spec!r} is not an .h5ad file. Convert it with anndata first.")
+    return ad.read_h5ad(path, backed="r")
+
+
+def _make_tokenizer(model: str, vocab: str | None, args: argparse.Namespace) -> Any:
+    from scforge.genes import builtin
+
+    common = {"chunk_size": args.chunk_size, "n_jobs": args.n_jobs, "species": args.species}
+    if model == "scgpt":
+        from scforge.tokenize import BinnedTokenizer
+
+        v = builtin.resolve_vocab(vocab or "scgpt-human")
+        return BinnedTokenizer(
+            v,
+            n_bins=args.n_bins,
+            max_len=args.max_len,
+            include_zero_gene=args.include_zero_gene,
+            seed=args.seed,
+            **common,
+        )
+    if model == "geneformer":
+        from scforge.tokenize import RankValueTokenizer
+
+        dicts = builtin.resolve_geneformer(vocab or "geneformer-v2")
+        return RankValueTokenizer(dicts, model_input_size=args.max_len, **common)
+    if model == "scbert":
+        from scforge.tokenize import LogBinTokenizer
+
+        if vocab is None:
+            raise ScforgeError(
+                "scBERT needs its ordered gene panel (16,906 genes, the var_names of scBERT's "
+                "panglao_10000.h5ad): pass --vocab PANEL.txt (one gene per line)."
+            )
+        return LogBinTokenizer(vocab, **common)
+    raise ScforgeError(f"Unknown model {model!r}; choose one of {', '.join(MODELS)}.")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", help="an .h5ad file (read backed) or 'pbmc68k_reduced'")
+    p.add_argument("--layer", default=None, help="layer holding the expression (default: X)")
+    p.add_argument("--use-raw", action="store_true", help="read adata.raw instead of X")
+    p.add_argument("--gene-col", default=None, help="var column with gene ids (default: var_names)")
+    p.add_argument("--species", default="auto", choices=["auto", "human", "mouse"])
+
+
+def _cmd_coverage(args: argparse.Namespace) -> int:
+    from scforge.genes import builtin, gene_coverage
+
+    adata = _read_data(args.data)
+    vocab = builtin.resolve_vocab(args.vocab)
+    report = gene_coverage(
+        adata, vocab, gene_col=args.gene_col, layer=args.layer, use_raw=args.use_raw,
+        species=args.species, raise_on_zero=True,
+    )
+    print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else str(report))
+    return 0
+
+
+def _cmd_tokenize(args: argparse.Namespace) -> int:
+    adata = _read_data(args.data)
+    tok = _make_tokenizer(args.model, args.vocab, args)
+    cells = tok.tokenize(adata, layer=args.layer, gene_col=args.gene_col, use_raw=args.use_raw, progress=args.progress)
+    summary = cells.summary()
+    if args.out:
+        cells.save(args.out)
+        summary["written"] = str(args.out)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from scforge.demo import run_demo
+
+    run_demo()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scforge",
+        description="Single-cell foundation models (scGPT, Geneformer, scBERT) on one fast core.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    genes = sub.add_parser("genes", help="gene identity: vocabularies and coverage")
+    gsub = genes.add_subparsers(dest="genes_command", metavar="SUBCOMMAND")
+    cov = gsub.add_parser("coverage", help="how a dataset's genes match a model vocabulary")
+    _add_data_args(cov)
+    cov.add_argument(
+        "--vocab", default="scgpt-human",
+        help="vocabulary: a file (scGPT vocab.json, Geneformer token_dictionary.pkl, scforge JSON, "
+        "gene list .txt), a Geneformer dictionary folder, or a built-in name (scgpt-human, "
+        "geneformer-v1, geneformer-v2)",
+    )
+    cov.add_argument("--json", action="store_true", help="print JSON instead of text")
+    cov.set_defaults(func=_cmd_coverage)
+
+    tok = sub.add_parser("tokenize", help="tokenize a dataset for a model family")
+    _add_data_args(tok)
+    tok.add_argument("--model", required=True, choices=MODELS)
+    tok.add_argument("--vocab", default=None, help="vocabulary / dictionaries / gene panel (see genes coverage)")
+    tok.add_argument("--out", default=None, help="write the tokens to this .npz file")
+    tok.add_argument("--max-len", type=int, default=None, help="longest sequence (tokens, specials included)")
+    tok.add_argument("--n-bins", type=int, default=51, help="scGPT value bins (default 51)")
+    tok.add_argument("--include-zero-gene", action="store_true", help="scGPT: emit zero-expression genes too")
+    tok.add_argument("--seed", type=int, default=0)
+    tok.add_argument("--chunk-size", type=int, default=2048)
+    tok.add_argument("--n-jobs", type=int, default=None, help="threads (default: all cores, at most 8)")
+    tok.add_argument("--progress", action="store_true", help="show a progress bar")
+    tok.set_defaults(func=_cmd_tokenize)
+
+    demo = sub.add_parser("demo", help="tokenize scanpy's pbmc68k_reduced for every model family")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        if args.command == "genes":
+            parser.parse_args(["genes", "--help"])
+        parser.print_help()
+        return 0
+    if args.verbose:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s scforge: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    try:
+        return int(args.func(args) or 0)
+    except ScforgeError as exc:
+        print(f"scforge: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""Read expression matrices in CSR row chunks, from memory or backed storage, and check them.
+
+This is the lowest data layer: genes (coverage), tokenizers and datasets all read cells through
+:func:`iter_row_chunks`, so memory is bounded by the chunk size whatever the storage is. Nothing here
+modifies the caller's object: every conversion makes a new array.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from scforge.errors import GeneIdentityError, InputDataError
+
+DEFAULT_CHUNK_SIZE = 2048
+
+
+@dataclass(frozen=True)
+class ExpressionSource:
+    """A cells x genes matrix to read in row chunks, with its gene table and cell names.
+
+    Build one with :func:`as_source` from an AnnData (in memory or ``backed="r"``) or a bare
+    matrix (numpy, any scipy sparse format) plus gene names.
+    """
+
+    matrix: Any
+    var: pd.DataFrame
+    obs: pd.DataFrame
+    where: str
+
+    @property
+    def obs_names(self) -> pd.Index:
+        return self.obs.index
+
+    @property
+    def n_obs(self) -> int:
+        return int(self.matrix.shape[0])
+
+    @property
+    def n_vars(self) -> int:
+        return int(self.matrix.shape[1])
+
+    def gene_names(self, gene_col: str | None = None) -> np.ndarray:
+        """Gene identifiers: ``var_names`` or the column ``gene_col`` of ``var``, as strings."""
+        if gene_col is None:
+            return np.asarray(self.var.index.astype(str))
+        if gene_col not in self.var.columns:
+            cols = ", ".join(map(repr, self.var.columns[:20])) or "(none)"
+            raise GeneIdentityError(
+                f"Gene column {gene_col!r} is not in var of {self.where}. Available columns: "
+                f"{cols}. Pass gene_col=None to use var_names, or one of the columns above."
+            )
+        values = self.var[gene_col]
+        if values.isna().any():
+            n = int(values.isna().sum())
+            raise GeneIdentityError(
+                f"Gene column {gene_col!r} of {self.where} has {n} missing values. Fill them or "
+                "drop those genes before tokenizing."
+            )
+        return np.asarray(values.astype(str))
+
+
+def as_source(
+    data: Any,
+    *,
+    layer: str | None = None,
+    var_names: Sequence[str] | None = None,
+    use_raw: bool = False,
+) -> ExpressionSource:
+    """Wrap an AnnData or a bare matrix as an :class:`ExpressionSource` (no copy is made).
+
+    ``layer`` picks ``adata.layers[layer]`` instead of ``X``; ``use_raw`` picks ``adata.raw``.
+    A bare matrix needs ``var_names`` (one per column).
+    """
+    import anndata as ad
+
+    if isinstance(data, ad.AnnData):
+        where = "the AnnData"
+        if use_raw:
+            if data.raw is None:
+                raise InputDataError(
+                    "use_raw=True but the AnnData has no .raw. Pass use_raw=False (and layer= "
+                    "if the counts are in a layer)."
+                )
+            if layer is not None:
+                raise InputDataError("Give either use_raw=True or layer=..., not both.")
+            matrix, var = data.raw.X, data.raw.var
+            where = "adata.raw"
+        elif layer is not None:
+            if layer not in data.layers:
+                have = ", ".join(map(repr, data.layers.keys())) or "(none)"
+                raise InputDataError(
+                    f"Layer {layer!r} is not in the AnnData. Layers present: {have}. "
+                    "Pass layer=None to use adata.X."
+                )
+            matrix, var = data.layers[layer], data.var
+            where = f"adata.layers[{layer!r}]"
+        else:
+            matrix, var = data.X, data.var
+            where = "adata.X"
+        if matrix is None:
+            raise InputDataError(f"{where} is empty (None). Load the expression matrix first.")
+        source = ExpressionSource(matrix=matrix, var=var, obs=data.obs, where=where)
+    else:
+        if var_names is None:
+            raise InputDataError(
+                "A bare matrix was given without var_names. Pass var_names=[...] (one gene id "
+                "per column) or pass an AnnData."
+            )
+        if not (isinstance(data, np.ndarray) or sp.issparse(data)):
+            raise InputDataError(
+                f"Expected an AnnData, a numpy array or a scipy sparse matrix, got "
+                f"{type(data).__name__}."
+            )
+        if data.ndim != 2:
+            raise InputDataError(f"Expected a 2-d cells x genes matrix, got shape {data.shape}.")
+        names = pd.Index(np.asarray(var_names).astype(str))
+        if len(names) != data.shape[1]:
+            raise InputDataError(
+                f"var_names has {len(names)} entries but the matrix has {data.shape[1]} columns."
+            )
+        source = ExpressionSource(
+            matrix=data,
+            var=pd.DataFrame(index=names),
+            obs=pd.DataFrame(index=pd.RangeIndex(data.shape[0]).astype(str)),
+            where="the matrix",
+        )
+    if source.n_obs == 0 or source.n_vars == 0:
+        raise InputDataError(
+            f"{source.where} is empty ({source.n_obs} cells x {source.n_vars} genes); there is "
+            "nothing to tokenize."
+        )
+    return source
+
+
+def _to_csr(block: Any) -> sp.csr_matrix:
+    """Convert one row block to canonical CSR with a float32/float64 dtype (always a new object)."""
+    if sp.issparse(block):
+        csr = sp.csr_matrix(block, copy=True)
+    else:  # numpy (or a backed dense slice): float16 and ints go to float32 before scipy sees them
+        dense = np.asarray(block)
+        if dense.dtype not in (np.float32, np.float64):
+            dense = dense.astype(np.float32)
+        csr = sp.csr_matrix(dense)
+    if csr.dtype not in (np.float32, np.float64):
+        # int counts, float16, bool: float32 is exact for counts < 2**24
+        csr = csr.astype(np.float32)
+    csr.sum_duplicates()
+    csr.eliminate_zeros()  # canonical: sorted indices, no duplicate entries (COO input)
+    return csr
+
+
+def iter_row_chunks(
+    source: ExpressionSource,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    start: int = 0,
+    stop: int | None = None,
+) -> Iterator[tuple[int, int, sp.csr_matrix]]:
+    """Yield ``(start, stop, csr)`` row blocks; only one block is in memory at a time."""
+    if chunk_size < 1:
+        raise InputDataError(f"chunk_size must be >= 1, got {chunk_size}.")
+    stop = source.n_obs if stop is None else min(stop, source.n_obs)
+    matrix = source.matrix
+    if sp.issparse(matrix) and matrix.format not in ("csr", "csc"):
+        # COO/DOK/LIL cannot be row-sliced cheaply; one conversion of the caller's matrix (a copy)
+        matrix = matrix.tocsr()
+    for lo in range(start, stop, chunk_size):
+        hi = min(lo + chunk_size, stop)
+        yield lo, hi, _to_csr(matrix[lo:hi])
+
+
+def check_values(csr: sp.csr_matrix, where: str, rows: tuple[int, int] | None = None) -> None:
+    """Raise :class:`InputDataError` for NaN, infinite or negative entries."""
+    data = csr.data
+    if data.size == 0:
+        return
+    span = f" (cells {rows[0]}..{rows[1] - 1})" if rows else ""
+    if not np.isfinite(data).all():
+        bad = int((~np.isfinite(data)).sum())
+        raise InputDataError(
+            f"{where}{span} has {bad} NaN or infinite values. Expression must be finite: remove "
+            "or impute them (e.g. np.nan_to_num) before tokenizing."
+        )
+    if data.min() < 0:
+        raise InputDataError(
+            f"{where}{span} has negative values (min {data.min():.4g}). Tokenizers need "
+            "non-negative expression (counts or normalized/log1p counts), not scaled or "
+            "centred data: use the raw counts layer (layer=... or use_raw=True)."
+        )
+
+
+def looks_like_counts(csr: sp.csr_matrix) -> bool:
+    """True when every stored value is a non-negative integer."""
+    data = csr.data
+    return bool(data.size == 0 or np.all(data == np.floor(data)))
+
+
+def require_counts(csr: sp.csr_matrix, where: str, rows: tuple[int, int] | None = None) -> None:
+    """Raise when the values are not raw counts, saying whether they look log-transformed."""
+    if looks_like_counts(csr):
+        return
+    data = csr.data
+    span = f" (cells {rows[0]}..{rows[1] - 1})" if rows else ""
+    frac = float(np.mean(data != np.floor(data)))
+    hint = (
+        "They look log-transformed (max {:.3g})".format(float(data.max()))
+        if data.max() < 30
+        else "They look normalized"
+    )
+    raise InputDataError(
+        f"{where}{span} must hold raw integer counts, but {frac:.1%} of the non-zero values are "
+        f"not integers. {hint}. Pass the raw counts (e.g. layer='counts' or use_raw=True)."
+    )
+
+
+def row_sums(source: ExpressionSource, chunk_size: int = DEFAULT_CHUNK_SIZE) -> np.ndarray:
+    """Total of each row (float64), read in chunks."""
+    out = np.empty(source.n_obs, dtype=np.float64)
+    for lo, hi, csr in iter_row_chunks(source, chunk_size):
+        out[lo:hi] = np.asarray(csr.sum(axis=1, dtype=np.float64)).ravel()
+    return out
+
+
+def column_sums(source: ExpressionSource, chunk_size: int = DEFAULT_CHUNK_SIZE) -> np.ndarray:
+    """Total of each column (float64), read in chunks."""
+    out = np.zeros(source.n_vars, dtype=np.float64)
+    for _, _, csr in iter_row_chunks(source, chunk_size):
+        out += np.bincount(csr.indices, weights=csr.data.astype(np.float64), minlength=source.n_vars)
+    return out

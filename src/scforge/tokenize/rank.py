@@ -1,0 +1,181 @@
+"""Geneformer input: rank value encoding of raw counts.
+
+For each cell: ``x = counts / n_counts * 10,000 / median[gene]`` over the genes of the token
+dictionary (duplicates of one Ensembl id summed first), non-zero genes sorted by ``x`` descending,
+then the top 2,048 tokens (V1) or ``<cls>`` + top 4,094 + ``<eos>`` (V2).
+
+Tie rule (the reference leaves it to NumPy's unstable quicksort): genes with exactly equal ``x``
+are ordered by ascending token id, so the result does not depend on the data's gene order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from scforge.errors import ConfigError, InputDataError, VocabularyError
+from scforge.genes import GeneAlignment, GeneformerDictionaries, align_genes, load_geneformer_dictionaries
+from scforge.matrix import ExpressionSource, check_values, require_counts
+from scforge.tokenize import _kernels as K
+from scforge.tokenize._base import ChunkTokenizer, GenePlan, plan_genes
+from scforge.tokenize.ragged import TokenizedCells
+
+
+class RankValueTokenizer(ChunkTokenizer):
+    """Tokenize raw counts for Geneformer (``TranscriptomeTokenizer`` semantics).
+
+    Parameters
+    ----------
+    dictionaries
+        :class:`~scforge.genes.GeneformerDictionaries` or a folder holding the token, median and
+        mapping pickles (V1 or V2; read with a restricted unpickler).
+    model_input_size
+        Longest sequence including special tokens: 2,048 (V1) or 4,096 (V2) by default.
+    special_tokens
+        Wrap in ``<cls>`` ... ``<eos>``; default True for V2 dictionaries, False for V1.
+    collapse_gene_ids
+        Map ids through the dictionary's Ensembl mapping and sum duplicates (the reference default).
+    n_counts_key
+        ``obs`` column with each cell's total counts over all genes; computed from the data
+        when the column is absent.
+    target_sum
+        Normalization target (10,000 in Geneformer).
+    """
+
+    name = "geneformer-rank"
+    gene_order = "token"
+
+    def __init__(
+        self,
+        dictionaries: GeneformerDictionaries | str | Path,
+        *,
+        model_input_size: int | None = None,
+        special_tokens: bool | None = None,
+        collapse_gene_ids: bool = True,
+        n_counts_key: str | None = "n_counts",
+        target_sum: float = 10_000.0,
+        species: str = "auto",
+        use_synonyms: bool = True,
+        chunk_size: int = 2048,
+        n_jobs: int | None = None,
+    ) -> None:
+        super().__init__(species=species, use_synonyms=use_synonyms, chunk_size=chunk_size, n_jobs=n_jobs)
+        if not isinstance(dictionaries, GeneformerDictionaries):
+            dictionaries = load_geneformer_dictionaries(dictionaries)
+        self.dictionaries = dictionaries
+        self.vocab = dictionaries.vocab
+        v2 = dictionaries.version == "V2"
+        self.special_tokens = v2 if special_tokens is None else bool(special_tokens)
+        self.model_input_size = int(model_input_size or (4096 if v2 else 2048))
+        n_special = 2 if self.special_tokens else 0
+        if self.model_input_size <= n_special:
+            raise ConfigError(f"model_input_size must exceed {n_special}, got {self.model_input_size}")
+        self.cls_id = self.vocab.special_id("cls") if self.special_tokens else None
+        self.eos_id = self.vocab.special_id("eos") if self.special_tokens else None
+        self.pad_id = self.vocab.special_id("pad")
+        self.collapse_gene_ids = collapse_gene_ids
+        self.n_counts_key = n_counts_key
+        self.target_sum = float(target_sum)
+        self._medians = self._median_table()
+
+    def _median_table(self) -> np.ndarray:
+        """Median of every token id (NaN for specials)."""
+        medians = np.full(len(self.vocab), np.nan)
+        ids = self.vocab.lookup(list(self.dictionaries.medians.keys()))
+        vals = np.fromiter(self.dictionaries.medians.values(), dtype=np.float64, count=ids.size)
+        ok = ids >= 0
+        medians[ids[ok]] = vals[ok]
+        genes = self.vocab.lookup(self.vocab.gene_tokens)
+        missing = genes[~np.isfinite(medians[genes]) | (medians[genes] <= 0)]
+        if missing.size:
+            raise VocabularyError(
+                f"{missing.size} genes of the Geneformer token dictionary have no positive median "
+                f"in the median dictionary (e.g. {self.vocab.token(int(missing[0]))}). Use the "
+                "median file that belongs to this token dictionary (same V1/V2 version)."
+            )
+        return medians
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "tokenizer": self.name,
+            "version": self.dictionaries.version,
+            "model_input_size": self.model_input_size,
+            "special_tokens": self.special_tokens,
+            "collapse_gene_ids": self.collapse_gene_ids,
+            "target_sum": self.target_sum,
+            "pad_id": self.pad_id,
+            "cls_id": self.cls_id,
+            "eos_id": self.eos_id,
+            "vocab_size": len(self.vocab),
+        }
+
+    def _align(self, source: ExpressionSource, gene_col: str | None) -> GeneAlignment:
+        alignment = align_genes(
+            source.gene_names(gene_col),
+            self.vocab,
+            species=self.species,
+            use_synonyms=self.use_synonyms,
+            ensembl_mapping=self.dictionaries.ensembl_mapping if self.collapse_gene_ids else None,
+        )
+        alignment.require_overlap(where=source.where)
+        return alignment
+
+    def _plan(self, source: ExpressionSource, gene_col: str | None) -> GenePlan:
+        if self.n_counts_key is not None and self.n_counts_key in source.obs.columns:
+            n_counts = np.asarray(source.obs[self.n_counts_key], dtype=np.float64)
+            if not np.all(np.isfinite(n_counts)) or np.any(n_counts < 0):
+                raise InputDataError(
+                    f"obs[{self.n_counts_key!r}] has missing, infinite or negative totals. Recompute "
+                    "it as the sum of raw counts over all genes, or pass n_counts_key=None."
+                )
+        return plan_genes(self._align(source, gene_col), order=self.gene_order)
+
+    def _tokenize_chunk(
+        self, source: ExpressionSource, plan: GenePlan, lo: int, hi: int, csr: sp.csr_matrix
+    ) -> TokenizedCells:
+        check_values(csr, source.where, (lo, hi))
+        require_counts(csr, source.where, (lo, hi))
+        if self.n_counts_key is not None and self.n_counts_key in source.obs.columns:
+            n_counts = np.asarray(source.obs[self.n_counts_key].iloc[lo:hi], dtype=np.float64)
+        else:  # over all genes of the data, as Geneformer asks of its users
+            n_counts = np.asarray(csr.sum(axis=1, dtype=np.float64)).ravel()
+        m = K.remap_columns(csr, plan.colmap, plan.n_out, plan.needs_sort)
+        lengths = np.diff(m.indptr)
+        rows = K.row_index(m.indptr)
+        if np.any((n_counts <= 0) & (lengths > 0)):
+            bad = lo + int(np.flatnonzero((n_counts <= 0) & (lengths > 0))[0])
+            raise InputDataError(
+                f"Cell {bad} of {source.where} has expressed genes but n_counts <= 0. Fix "
+                f"obs[{self.n_counts_key!r}] (total raw counts per cell) or drop the column."
+            )
+        tokens = plan.out_tokens[m.indices]
+        x = m.data.astype(np.float64) / np.repeat(n_counts, lengths) * self.target_sum / self._medians[tokens]
+        # descending x within each row; lexsort is stable, so equal x keep ascending token id
+        order = np.lexsort((-x, rows))
+        n_special = 2 if self.special_tokens else 0
+        limit = self.model_input_size - n_special
+        rank = np.arange(order.size, dtype=np.int64) - np.repeat(m.indptr[:-1].astype(np.int64), lengths)
+        keep = rank < limit
+        ranked = tokens[order][keep]
+        kept = np.minimum(lengths, limit)
+        self._warn_empty_cells(kept, lo, "<cls> <eos> only" if self.special_tokens else "an empty sequence")
+        n_rows = hi - lo
+        offsets = np.zeros(n_rows + 1, dtype=np.int64)
+        np.cumsum(kept + n_special, out=offsets[1:])
+        out = np.empty(int(offsets[-1]), dtype=np.int32)
+        shift = 1 if self.special_tokens else 0
+        dest = np.arange(ranked.size, dtype=np.int64) + np.repeat(np.arange(n_rows, dtype=np.int64) * n_special + shift, kept)
+        out[dest] = ranked
+        if self.special_tokens:
+            out[offsets[:-1]] = self.cls_id
+            out[offsets[1:] - 1] = self.eos_id
+        return TokenizedCells(
+            offsets=offsets,
+            gene_ids=out,
+            values=None,
+            obs_names=np.asarray(source.obs_names[lo:hi]),
+            meta=self.settings(),
+        )

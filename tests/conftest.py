@@ -1,0 +1,26 @@
+"""Shared fixtures. Real-data tests read ../shared/data and skip with a reason when it is absent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Path to ../shared/data; skips the test when the real data is not there (a user's machine)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA} (the project's ../shared/data)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def ifnb_small(shared_data: Path):
+    """The 2,000-cell ifnb subset (raw counts), read once per session; tests must copy before editing."""
+    import anndata as ad
+
+    return ad.read_h5ad(shared_data / "ifnb" / "ifnb_sub_2000.h5ad")
