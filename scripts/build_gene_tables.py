@@ -16,12 +16,12 @@ Outputs (gzip with mtime 0, so the bytes are the same on every run):
 
 * ``hgnc_human.tsv.gz``: symbol, ensembl_id, prev_symbols, alias_symbols ("|"-joined), all HGNC
   approved genes in the source order (sorted by symbol).
-* ``mgi_mouse.tsv.gz``: the same for MGI, without transgenes (``Tg(...)`` constructs never appear
-  as gene ids of a count matrix) and without rows that carry nothing but a symbol that is already
-  implied... (all other rows are kept).
-* ``orthologs_human_mouse.tsv.gz``: human_symbol, mouse_symbol pairs with a mouse ortholog, in the
-  source file order (the order decides ties; see ``scforge.genes.tables`` docs).
-* ``manifest.json``: row counts, byte sizes and sha256 of every output and of each source.
+* ``mgi_mouse.tsv.gz``: the same for MGI, without the 12,507 transgenes (``Tg(...)`` constructs
+  are not gene ids of a count matrix).
+* ``orthologs_human_mouse.tsv.gz``: (human_symbol, mouse_symbol) pairs that have a mouse
+  ortholog, de-duplicated, in the source file order (the order breaks ties; see
+  ``scforge.genes._tables``).
+* ``gene_tables_manifest.json``: row counts, byte sizes and sha256 of every output and of each source.
 
 Only what mapping needs is kept: gene types, statuses and source ids are dropped.
 """
@@ -52,7 +52,7 @@ def _clean(series: pd.Series) -> pd.Series:
 
 
 def _clean_list(series: pd.Series, drop: pd.Series) -> pd.Series:
-    """'|'-joined synonym lists: blanks removed, duplicates removed (first kept), own symbol removed."""
+    """'|'-joined synonym lists: blanks and repeats removed (first kept), the gene's own symbol removed."""
     out = []
     for value, own in zip(_clean(series), drop):
         seen: list[str] = []
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
             "sha256": _sha256(path),
         }
         print(f"{name}: {len(df):,} rows, {path.stat().st_size:,} bytes")
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    (out / "gene_tables_manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":

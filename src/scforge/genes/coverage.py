@@ -62,7 +62,7 @@ class CoverageReport:
         lines.append(f"  unmatched:         {self.n_unmatched:,}"
                      + (f" (e.g. {', '.join(self.unmatched_examples[:5])})" if self.unmatched_examples else ""))
         if self.n_duplicates_collapsed:
-            lines.append(f"  duplicates:        {self.n_duplicates_collapsed:,} genes share a token with "
+            lines.append(f"  duplicates:        {self.n_duplicates_collapsed:,} gene(s) share a token with "
                          "an earlier gene (tokenizers sum them)")
         matched_methods = {k: v for k, v in self.methods.items() if k != "unmatched"}
         if matched_methods:

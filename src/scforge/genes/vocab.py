@@ -275,7 +275,8 @@ class GeneVocab:
             return NotImplemented
         return self._tokens == other._tokens and self._specials == other._specials
 
-    __hash__ = None  # type: ignore[assignment]
+    def __hash__(self) -> int:  # consistent with __eq__, cheap
+        return hash((len(self._tokens), self._tokens[0], self._tokens[-1], tuple(sorted(self._specials.items()))))
 
     def __repr__(self) -> str:
         specials = ", ".join(f"{r}={self[t]}" for r, t in self._specials.items())

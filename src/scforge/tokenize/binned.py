@@ -164,14 +164,17 @@ class BinnedTokenizer(ChunkTokenizer):
     def _tokenize_chunk(
         self, source: ExpressionSource, plan: GenePlan, lo: int, hi: int, csr: sp.csr_matrix
     ) -> TokenizedCells:
-        m, data = self._values(source, plan, lo, hi, csr)
+        m, factors = self._aligned(source, plan, lo, hi, csr)
         n_rows = hi - lo
         rows = K.row_index(m.indptr)
         tokens = plan.out_tokens[m.indices]
         if self.n_bins is not None:
-            values = self._bin(data, rows, m.indptr, lo, tokens).astype(np.float32)
+            left, right, _ = K.bin_limits(
+                m.data, m.indptr, self.n_bins - 1, factors=factors, log1p=self.log1p, rows=rows
+            )
+            values = self._choose_bins(left, right, m.indptr, lo, tokens).astype(np.float32)
         else:
-            values = data.astype(np.float32)
+            values = K.scale_values(m.data, rows, factors, self.log1p).astype(np.float32)
         indptr = m.indptr.astype(np.int64)
         if self.include_zero_gene:
             tokens, values, rows, indptr = _with_zeros(plan, rows, m.indices, values, n_rows)
@@ -184,36 +187,28 @@ class BinnedTokenizer(ChunkTokenizer):
             lengths = np.minimum(lengths, limit)
         return self._assemble(source, lo, hi, tokens, values, lengths)
 
-    def _values(
+    def _aligned(
         self, source: ExpressionSource, plan: GenePlan, lo: int, hi: int, csr: sp.csr_matrix
-    ) -> tuple[sp.csr_matrix, np.ndarray]:
-        """Checked, vocabulary-aligned chunk and its (normalized, log1p) non-zero values."""
+    ) -> tuple[sp.csr_matrix, np.ndarray | None]:
+        """Checked, vocabulary-aligned chunk and its per-cell normalization factors."""
         check_values(csr, source.where, (lo, hi))
         m = K.remap_columns(csr, plan.colmap, plan.n_out, plan.needs_sort)
-        data = m.data
+        factors = None
         if self.normalize_total is not None:
-            data = K.normalize_total_csr(m, self.normalize_total)
-        if self.log1p:
-            data = np.log1p(data)
-        return m, data
+            factors = K.row_factors(m.data, m.indptr, self.normalize_total)
+        return m, factors
 
-    def _bin(self, data: np.ndarray, rows: np.ndarray, indptr: np.ndarray, lo: int, tokens: np.ndarray) -> np.ndarray:
-        codes = K.ValueCodes(data)
-        perm, sorted_keys = K.sort_within_rows(rows, codes.codes)
-        edges = K.quantile_edges(data[perm], indptr, self.n_bins - 1)
-        left, right = K.digitize_rows(codes, rows, indptr, edges, perm=perm, sorted_keys=sorted_keys)
+    def _choose_bins(self, left: np.ndarray, right: np.ndarray, indptr: np.ndarray, lo: int, tokens: np.ndarray) -> np.ndarray:
         if self.ties == "left":
             return left
-        digits = left
-        tied = np.flatnonzero(left != right)
-        if tied.size:
-            r = K.hash_uniform(self.seed, _TIE_STREAM, lo + rows[tied], tokens[tied])
-            # the reference's rule: ceil(r * (right - left) + left), r ~ U[0, 1)
-            digits[tied] = np.ceil(r * (right[tied] - left[tied]) + left[tied]).astype(np.int64)
-        return digits
+        # the reference's rule ceil(r * (right - left) + left), r ~ U[0, 1), written as
+        # left - floor(r * (left - right)): untied values (left == right) stay exactly left
+        r = K.row_hash_uniform(self.seed, _TIE_STREAM, lo, indptr, tokens)
+        left -= np.floor(r * (left - right)).astype(np.int64)
+        return left
 
     def _subsample(self, rows: np.ndarray, indptr: np.ndarray, lo: int, tokens: np.ndarray, limit: int) -> np.ndarray:
-        r = K.hash_uniform(self.seed, _SUBSAMPLE_STREAM, lo + rows, tokens)
+        r = K.row_hash_uniform(self.seed, _SUBSAMPLE_STREAM, lo, indptr, tokens)
         order = (r * 4294967296.0).astype(np.int64)
         return K.take_first_k_per_row(rows, indptr, order, limit)
 
@@ -258,11 +253,8 @@ class BinnedTokenizer(ChunkTokenizer):
         plan = self._plan(source, gene_col)
         out = np.zeros((source.n_obs, self.n_bins - 1), dtype=np.float64)
         for lo, hi, csr in iter_row_chunks(source, self.chunk_size):
-            m, values = self._values(source, plan, lo, hi, csr)
-            rows = K.row_index(m.indptr)
-            codes = K.ValueCodes(values)
-            perm, _ = K.sort_within_rows(rows, codes.codes)
-            out[lo:hi] = K.quantile_edges(values[perm], m.indptr, self.n_bins - 1)
+            m, factors = self._aligned(source, plan, lo, hi, csr)
+            _, _, out[lo:hi] = K.bin_limits(m.data, m.indptr, self.n_bins - 1, factors=factors, log1p=self.log1p)
         return out
 
 

@@ -132,17 +132,21 @@ class TokenizedCells:
         if max_len is not None:
             width = min(width, int(max_len))
             lengths = np.minimum(lengths, width)
-        cols = np.arange(width)
-        valid = cols[None, :] < lengths[:, None]
-        src = self.offsets[idx][:, None] + cols[None, :]
-        src_valid = src[valid]
+        padding_mask = np.arange(width)[None, :] >= lengths[:, None]
+        flat = _gather_ranges(self.offsets, idx, lengths)  # token positions, row-major
+        dest = np.arange(flat.size, dtype=np.int64) + np.repeat(
+            np.arange(idx.size, dtype=np.int64) * width - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths
+        )
         genes = np.full((idx.size, width), pad_id, dtype=np.int64)
-        genes[valid] = self.gene_ids[src_valid] if self.gene_ids is not None else np.broadcast_to(cols, valid.shape)[valid]
-        batch: dict[str, Any] = {"genes": genes, "padding_mask": ~valid}
+        if self.gene_ids is not None:
+            genes.ravel()[dest] = self.gene_ids[flat]
+        else:
+            genes.ravel()[dest] = flat - np.repeat(self.offsets[idx], lengths)
+        batch: dict[str, Any] = {"genes": genes, "padding_mask": padding_mask}
         if self.values is not None:
             dtype = np.float32 if np.issubdtype(self.values.dtype, np.floating) else np.int64
             values = np.full((idx.size, width), pad_value, dtype=dtype)
-            values[valid] = self.values[src_valid]
+            values.ravel()[dest] = self.values[flat]
             batch["values"] = values
         if as_torch:
             import torch
@@ -221,10 +225,11 @@ class TokenizedCells:
         return out
 
 
-def _gather_ranges(offsets: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """Flat positions of the token ranges of cells ``idx`` (vectorized)."""
+def _gather_ranges(offsets: np.ndarray, idx: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
+    """Flat positions of the first ``lengths`` tokens (default: all) of cells ``idx``, vectorized."""
     starts = offsets[idx]
-    lengths = offsets[idx + 1] - starts
+    if lengths is None:
+        lengths = offsets[idx + 1] - starts
     total = int(lengths.sum())
     if total == 0:
         return np.zeros(0, dtype=np.int64)

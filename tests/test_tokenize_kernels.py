@@ -1,0 +1,93 @@
+"""The binning kernels: both strategies agree with NumPy exactly, on real and random data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scforge.tokenize import _kernels as K
+
+
+def _numpy_reference(csr: sp.csr_matrix, n_edges: int, factors, log1p):
+    rows = K.row_index(csr.indptr)
+    x = K.scale_values(csr.data, rows, factors, log1p)
+    edges, left, right = [], [], []
+    for i in range(csr.shape[0]):
+        v = x[csr.indptr[i]:csr.indptr[i + 1]]
+        e = np.quantile(v, np.linspace(0, 1, n_edges)) if v.size else np.zeros(n_edges)
+        edges.append(e)
+        left.append(np.digitize(v, e))
+        right.append(np.digitize(v, e, right=True))
+    return np.concatenate(left), np.concatenate(right), np.array(edges)
+
+
+def _both_paths(csr, n_edges, factors, log1p):
+    rows = K.row_index(csr.indptr)
+    counts = K._bin_limits_counts(csr.data.astype(np.int32), csr.dtype, rows, csr.indptr, n_edges, factors, log1p, max_table=10**9)
+    if counts is None:  # an empty chunk: only the sort path handles it
+        assert csr.nnz == 0
+        counts = K.bin_limits(csr.data, csr.indptr, n_edges, factors=factors, log1p=log1p)
+    if csr.nnz == 0:
+        return counts, counts
+    sorted_ = K._bin_limits_sorted(csr.data, rows, csr.indptr, n_edges, factors, log1p)
+    return counts, sorted_
+
+
+@pytest.mark.parametrize("log1p,normalize", [(True, True), (False, False), (False, True)])
+def test_histogram_and_sort_paths_equal_numpy_on_ifnb(ifnb_small, log1p, normalize):
+    csr = ifnb_small.X[:300].tocsr()
+    factors = K.row_factors(csr.data, csr.indptr, 1e4) if normalize else None
+    counts, sorted_ = _both_paths(csr, 50, factors, log1p)
+    ref = _numpy_reference(csr, 50, factors, log1p)
+    for got in (counts, sorted_):
+        for a, b in zip(got, ref):
+            np.testing.assert_array_equal(a, b)
+
+
+@st.composite
+def count_chunks(draw):
+    n_rows = draw(st.integers(1, 30))
+    n_cols = draw(st.integers(1, 40))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    lam = rng.uniform(0.2, 30)
+    x = rng.poisson(lam, (n_rows, n_cols)) * (rng.random((n_rows, n_cols)) < rng.uniform(0, 1))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    return sp.csr_matrix(x.astype(dtype))
+
+
+@settings(max_examples=80, deadline=None)
+@given(csr=count_chunks(), n_edges=st.integers(2, 60), log1p=st.booleans(), normalize=st.booleans())
+def test_paths_agree_on_random_counts(csr, n_edges, log1p, normalize):
+    csr.eliminate_zeros()
+    factors = K.row_factors(csr.data, csr.indptr, 1e4) if normalize else None
+    counts, sorted_ = _both_paths(csr, n_edges, factors, log1p)
+    ref = _numpy_reference(csr, n_edges, factors, log1p)
+    for got in (counts, sorted_):
+        for a, b in zip(got, ref):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_non_integer_values_use_sort_path_and_match_numpy(ifnb_small):
+    csr = ifnb_small.layers["lognorm"][:100].tocsr()
+    left, right, edges = K.bin_limits(csr.data, csr.indptr, 50, factors=None, log1p=False)
+    ref = _numpy_reference(csr, 50, None, False)
+    for a, b in zip((left, right, edges), ref):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_row_hash_uniform_is_uniform_and_keyed():
+    indptr = np.array([0, 50_000, 100_000])
+    genes = np.tile(np.arange(50_000), 2)
+    r = K.row_hash_uniform(0, 0, 10, indptr, genes)
+    assert r.min() >= 0 and r.max() < 1
+    hist = np.histogram(r, bins=20, range=(0, 1))[0] / r.size
+    assert np.abs(hist - 0.05).max() < 0.005
+    # the same (cell, gene) gives the same draw whatever the chunk it comes in
+    alone = K.row_hash_uniform(0, 0, 11, np.array([0, 50_000]), genes[50_000:])
+    assert np.array_equal(alone, r[50_000:])
+    assert not np.array_equal(K.row_hash_uniform(1, 0, 10, indptr, genes), r)
+    assert abs(np.corrcoef(r[:-1], r[1:])[0, 1]) < 0.02  # neighbouring genes are not correlated
