@@ -91,3 +91,59 @@ def test_row_hash_uniform_is_uniform_and_keyed():
     assert np.array_equal(alone, r[50_000:])
     assert not np.array_equal(K.row_hash_uniform(1, 0, 10, indptr, genes), r)
     assert abs(np.corrcoef(r[:-1], r[1:])[0, 1]) < 0.02  # neighbouring genes are not correlated
+
+
+# ---- compiled (numba) kernels against the NumPy kernels ------------------------------------------
+def _compiled_bins(csr, n_edges, normalize, log1p, seed=3, first_cell=10):
+    from scforge.tokenize import _compiled
+
+    tokens = csr.indices.astype(np.int64)
+    edges = np.empty((csr.shape[0], n_edges))
+    out = np.empty(csr.nnz, dtype=np.float32)
+    _compiled.bin_chunk(csr.indptr, csr.data, tokens, np.linspace(0, 1, n_edges), 1e4, normalize, log1p,
+                        True, np.uint64(K.hash_salt(seed, 0)), first_cell, edges, out)
+    return out, edges
+
+
+def _numpy_bins(csr, n_edges, normalize, log1p, seed=3, first_cell=10):
+    factors = K.row_factors(csr.data, csr.indptr, 1e4) if normalize else None
+    left, right, edges = K.bin_limits(csr.data, csr.indptr, n_edges, factors=factors, log1p=log1p)
+    r = K.row_hash_uniform(seed, 0, first_cell, csr.indptr, csr.indices)
+    return (left - np.floor(r * (left - right)).astype(np.int64)).astype(np.float32), edges
+
+
+@settings(max_examples=80, deadline=None)
+@given(csr=count_chunks(), n_edges=st.integers(2, 60), log1p=st.booleans(), normalize=st.booleans(),
+       scale=st.sampled_from([1.0, 0.37, 1000.0]))
+def test_compiled_bins_equal_numpy_bins(csr, n_edges, log1p, normalize, scale):
+    csr.eliminate_zeros()
+    csr.data *= csr.dtype.type(scale)  # integer counts (1, 1000) and non-integer values (0.37)
+    a, ea = _compiled_bins(csr, n_edges, normalize, log1p)
+    b, eb = _numpy_bins(csr, n_edges, normalize, log1p)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(ea, eb)
+
+
+@pytest.mark.parametrize("layer", [None, "lognorm"])
+def test_compiled_and_numpy_tokenizers_agree_on_ifnb(ifnb_small, monkeypatch, layer):
+    from scforge.genes import builtin
+    from scforge.tokenize import BinnedTokenizer, RankValueTokenizer, binned, rank
+
+    data = ifnb_small[:400]
+    settings_list = [dict(), dict(ties="left"), dict(max_len=300, seed=5), dict(include_zero_gene=True, genes=list(data.var_names[:300]))]
+    if layer is not None:
+        settings_list = [dict(log1p=False, normalize_total=None)]
+    vocab = builtin.builtin_vocab("scgpt-human")
+    for kw in settings_list:
+        fast = BinnedTokenizer(vocab, **kw).tokenize(data, layer=layer)
+        monkeypatch.setattr(binned, "USE_COMPILED", False)
+        slow = BinnedTokenizer(vocab, **kw).tokenize(data, layer=layer)
+        monkeypatch.setattr(binned, "USE_COMPILED", True)
+        assert np.array_equal(fast.gene_ids, slow.gene_ids), kw
+        assert np.array_equal(fast.values, slow.values), kw
+    if layer is None:
+        gf = RankValueTokenizer(builtin.builtin_geneformer("geneformer-v1"))
+        fast = gf.tokenize(data)
+        monkeypatch.setattr(rank, "USE_COMPILED", False)
+        slow = gf.tokenize(data)
+        assert np.array_equal(fast.gene_ids, slow.gene_ids) and np.array_equal(fast.offsets, slow.offsets)

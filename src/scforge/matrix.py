@@ -174,23 +174,32 @@ def iter_row_chunks(
         yield lo, hi, _to_csr(matrix[lo:hi])
 
 
+def _first_entry(csr: sp.csr_matrix, mask: np.ndarray, first_row: int) -> str:
+    """'cell i, gene column j' of the first True entry of ``mask``."""
+    pos = int(np.flatnonzero(mask)[0])
+    row = int(np.searchsorted(csr.indptr, pos, side="right")) - 1
+    return f"first at cell {first_row + row}, gene column {int(csr.indices[pos])}"
+
+
 def check_values(csr: sp.csr_matrix, where: str, rows: tuple[int, int] | None = None) -> None:
-    """Raise :class:`InputDataError` for NaN, infinite or negative entries."""
+    """Raise :class:`InputDataError` for NaN, infinite or negative entries, naming the first one."""
     data = csr.data
     if data.size == 0:
         return
-    span = f" (cells {rows[0]}..{rows[1] - 1})" if rows else ""
-    if not np.isfinite(data).all():
-        bad = int((~np.isfinite(data)).sum())
+    first_row = rows[0] if rows else 0
+    finite = np.isfinite(data)
+    if not finite.all():
         raise InputDataError(
-            f"{where}{span} has {bad} NaN or infinite values. Expression must be finite: remove "
-            "or impute them (e.g. np.nan_to_num) before tokenizing."
+            f"{where} has {int((~finite).sum())} NaN or infinite values "
+            f"({_first_entry(csr, ~finite, first_row)}). Expression must be finite: remove or "
+            "impute them (e.g. np.nan_to_num) before tokenizing."
         )
     if data.min() < 0:
         raise InputDataError(
-            f"{where}{span} has negative values (min {data.min():.4g}). Tokenizers need "
-            "non-negative expression (counts or normalized/log1p counts), not scaled or "
-            "centred data: use the raw counts layer (layer=... or use_raw=True)."
+            f"{where} has negative values (min {data.min():.4g}, "
+            f"{_first_entry(csr, data < 0, first_row)}). Tokenizers need non-negative expression "
+            "(counts or normalized/log1p counts), not scaled or centred data: use the raw counts "
+            "layer (layer=... or use_raw=True)."
         )
 
 

@@ -32,6 +32,11 @@ def _lowbias32(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def hash_salt(seed: int, stream: int) -> np.uint32:
+    """The mixed (seed, stream) part of :func:`row_hash_uniform`'s key."""
+    return _lowbias32(np.array([(seed * 0x9E3779B1 + stream * 0x85EBCA77) & 0xFFFFFFFF], dtype=np.uint32))[0]
+
+
 def row_hash_uniform(seed: int, stream: int, first_cell: int, indptr: np.ndarray, genes: np.ndarray) -> np.ndarray:
     """Uniform floats in [0, 1), one per CSR entry, keyed by (seed, stream, cell, gene).
 
@@ -39,9 +44,9 @@ def row_hash_uniform(seed: int, stream: int, first_cell: int, indptr: np.ndarray
     token. A pure function of its inputs, so chunking and threads cannot change the draws.
     """
     n_rows = indptr.size - 1
-    salt = _lowbias32(np.array([(seed * 0x9E3779B1 + stream * 0x85EBCA77) & 0xFFFFFFFF], dtype=np.uint32))
+    salt = hash_salt(seed, stream)
     cells = np.arange(first_cell, first_cell + n_rows, dtype=np.int64).astype(np.uint32)
-    cell_key = np.repeat(_lowbias32(cells ^ salt[0]), np.diff(indptr))
+    cell_key = np.repeat(_lowbias32(cells ^ salt), np.diff(indptr))
     cell_key ^= genes.astype(np.uint32) * np.uint32(0x27D4EB2F)
     return _lowbias32(cell_key) * (1.0 / 4294967296.0)
 

@@ -28,6 +28,9 @@ logger = logging.getLogger("scforge")
 
 _TIE_STREAM = 0
 _SUBSAMPLE_STREAM = 1
+# compiled per-cell kernels (numba); the NumPy kernels give identical results and are kept as the
+# readable reference (tests switch between them)
+USE_COMPILED = True
 
 
 class BinnedTokenizer(ChunkTokenizer):
@@ -164,53 +167,63 @@ class BinnedTokenizer(ChunkTokenizer):
     def _tokenize_chunk(
         self, source: ExpressionSource, plan: GenePlan, lo: int, hi: int, csr: sp.csr_matrix
     ) -> TokenizedCells:
-        m, factors = self._aligned(source, plan, lo, hi, csr)
+        m = self._aligned(source, plan, lo, hi, csr)
         n_rows = hi - lo
-        rows = K.row_index(m.indptr)
         tokens = plan.out_tokens[m.indices]
         if self.n_bins is not None:
-            left, right, _ = K.bin_limits(
-                m.data, m.indptr, self.n_bins - 1, factors=factors, log1p=self.log1p, rows=rows
-            )
-            values = self._choose_bins(left, right, m.indptr, lo, tokens).astype(np.float32)
+            values, _ = self._bins(m, lo, tokens)
         else:
-            values = K.scale_values(m.data, rows, factors, self.log1p).astype(np.float32)
+            values = K.scale_values(m.data, K.row_index(m.indptr), self._factors(m), self.log1p).astype(np.float32)
         indptr = m.indptr.astype(np.int64)
         if self.include_zero_gene:
-            tokens, values, rows, indptr = _with_zeros(plan, rows, m.indices, values, n_rows)
+            tokens, values, indptr = _with_zeros(plan, m, values)
         lengths = np.diff(indptr)
         self._warn_empty_cells(lengths, lo, "only <cls>" if self.append_cls else "no tokens")
         limit = None if self.max_len is None else self.max_len - (1 if self.append_cls else 0)
         if limit is not None and lengths.max(initial=0) > limit:
-            keep = self._subsample(rows, indptr, lo, tokens, limit)
-            tokens, values, rows = tokens[keep], values[keep], rows[keep]
+            keep = self._subsample(indptr, lo, tokens, limit)
+            tokens, values = tokens[keep], values[keep]
             lengths = np.minimum(lengths, limit)
         return self._assemble(source, lo, hi, tokens, values, lengths)
 
-    def _aligned(
-        self, source: ExpressionSource, plan: GenePlan, lo: int, hi: int, csr: sp.csr_matrix
-    ) -> tuple[sp.csr_matrix, np.ndarray | None]:
-        """Checked, vocabulary-aligned chunk and its per-cell normalization factors."""
+    def _aligned(self, source: ExpressionSource, plan: GenePlan, lo: int, hi: int, csr: sp.csr_matrix) -> sp.csr_matrix:
+        """Checked, vocabulary-aligned chunk."""
         check_values(csr, source.where, (lo, hi))
-        m = K.remap_columns(csr, plan.colmap, plan.n_out, plan.needs_sort)
-        factors = None
-        if self.normalize_total is not None:
-            factors = K.row_factors(m.data, m.indptr, self.normalize_total)
-        return m, factors
+        return K.remap_columns(csr, plan.colmap, plan.n_out, plan.needs_sort)
 
-    def _choose_bins(self, left: np.ndarray, right: np.ndarray, indptr: np.ndarray, lo: int, tokens: np.ndarray) -> np.ndarray:
-        if self.ties == "left":
-            return left
-        # the reference's rule ceil(r * (right - left) + left), r ~ U[0, 1), written as
-        # left - floor(r * (left - right)): untied values (left == right) stay exactly left
-        r = K.row_hash_uniform(self.seed, _TIE_STREAM, lo, indptr, tokens)
-        left -= np.floor(r * (left - right)).astype(np.int64)
-        return left
+    def _factors(self, m: sp.csr_matrix) -> np.ndarray | None:
+        """Per-cell normalization factors (scanpy's normalize_total), or None."""
+        if self.normalize_total is None:
+            return None
+        return K.row_factors(m.data, m.indptr, self.normalize_total)
 
-    def _subsample(self, rows: np.ndarray, indptr: np.ndarray, lo: int, tokens: np.ndarray, limit: int) -> np.ndarray:
+    def _bins(self, m: sp.csr_matrix, lo: int, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Bin of every stored entry (float32) and each cell's edges ``[cells, n_bins - 1]``."""
+        n_edges = self.n_bins - 1
+        if USE_COMPILED:
+            from scforge.tokenize import _compiled
+
+            values = np.empty(m.data.size, dtype=np.float32)
+            edges = np.empty((m.shape[0], n_edges), dtype=np.float64)
+            _compiled.bin_chunk(
+                m.indptr, m.data, tokens, np.linspace(0, 1, n_edges),
+                float(self.normalize_total or 0.0), self.normalize_total is not None, self.log1p,
+                self.ties == "random", np.uint64(K.hash_salt(self.seed, _TIE_STREAM)), lo, edges, values,
+            )
+            return values, edges
+        left, right, edges = K.bin_limits(m.data, m.indptr, n_edges, factors=self._factors(m), log1p=self.log1p)
+        if self.ties == "random":
+            # the reference's rule ceil(r * (right - left) + left), r ~ U[0, 1), written as
+            # left - floor(r * (left - right)): untied values (left == right) stay exactly left
+            r = K.row_hash_uniform(self.seed, _TIE_STREAM, lo, m.indptr, tokens)
+            left -= np.floor(r * (left - right)).astype(np.int64)
+        return left.astype(np.float32), edges
+
+    def _subsample(self, indptr: np.ndarray, lo: int, tokens: np.ndarray, limit: int) -> np.ndarray:
+        """Mask keeping a seeded random ``limit`` entries of every longer cell (data order kept)."""
         r = K.row_hash_uniform(self.seed, _SUBSAMPLE_STREAM, lo, indptr, tokens)
         order = (r * 4294967296.0).astype(np.int64)
-        return K.take_first_k_per_row(rows, indptr, order, limit)
+        return K.take_first_k_per_row(K.row_index(indptr), indptr, order, limit)
 
     def _assemble(
         self,
@@ -253,8 +266,8 @@ class BinnedTokenizer(ChunkTokenizer):
         plan = self._plan(source, gene_col)
         out = np.zeros((source.n_obs, self.n_bins - 1), dtype=np.float64)
         for lo, hi, csr in iter_row_chunks(source, self.chunk_size):
-            m, factors = self._aligned(source, plan, lo, hi, csr)
-            _, _, out[lo:hi] = K.bin_limits(m.data, m.indptr, self.n_bins - 1, factors=factors, log1p=self.log1p)
+            m = self._aligned(source, plan, lo, hi, csr)
+            _, out[lo:hi] = self._bins(m, lo, plan.out_tokens[m.indices])
         return out
 
 
@@ -265,14 +278,11 @@ def _probe(source: ExpressionSource):
         yield csr
 
 
-def _with_zeros(
-    plan: GenePlan, rows: np.ndarray, cols: np.ndarray, values: np.ndarray, n_rows: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _with_zeros(plan: GenePlan, m: sp.csr_matrix, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every output gene for every cell (data order), zeros where not expressed."""
-    n_out = plan.n_out
+    n_rows, n_out = m.shape
     dense_values = np.zeros(n_rows * n_out, dtype=values.dtype)
-    dense_values[rows * n_out + cols] = values
+    dense_values[K.row_index(m.indptr) * n_out + m.indices] = values
     tokens = np.tile(plan.out_tokens, n_rows)
-    all_rows = np.repeat(np.arange(n_rows, dtype=np.int64), n_out)
     indptr = np.arange(n_rows + 1, dtype=np.int64) * n_out
-    return tokens, dense_values, all_rows, indptr
+    return tokens, dense_values, indptr

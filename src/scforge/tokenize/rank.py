@@ -23,6 +23,9 @@ from scforge.tokenize import _kernels as K
 from scforge.tokenize._base import ChunkTokenizer, GenePlan, plan_genes
 from scforge.tokenize.ragged import TokenizedCells
 
+# compiled per-cell kernels (numba); the NumPy path gives identical results (tests switch)
+USE_COMPILED = True
+
 
 class RankValueTokenizer(ChunkTokenizer):
     """Tokenize raw counts for Geneformer (``TranscriptomeTokenizer`` semantics).
@@ -144,7 +147,6 @@ class RankValueTokenizer(ChunkTokenizer):
             n_counts = np.asarray(csr.sum(axis=1, dtype=np.float64)).ravel()
         m = K.remap_columns(csr, plan.colmap, plan.n_out, plan.needs_sort)
         lengths = np.diff(m.indptr)
-        rows = K.row_index(m.indptr)
         if np.any((n_counts <= 0) & (lengths > 0)):
             bad = lo + int(np.flatnonzero((n_counts <= 0) & (lengths > 0))[0])
             raise InputDataError(
@@ -152,15 +154,9 @@ class RankValueTokenizer(ChunkTokenizer):
                 f"obs[{self.n_counts_key!r}] (total raw counts per cell) or drop the column."
             )
         tokens = plan.out_tokens[m.indices]
-        x = m.data.astype(np.float64) / np.repeat(n_counts, lengths) * self.target_sum / self._medians[tokens]
-        # descending x within each row; lexsort is stable, so equal x keep ascending token id
-        order = np.lexsort((-x, rows))
         n_special = 2 if self.special_tokens else 0
         limit = self.model_input_size - n_special
-        rank = np.arange(order.size, dtype=np.int64) - np.repeat(m.indptr[:-1].astype(np.int64), lengths)
-        keep = rank < limit
-        ranked = tokens[order][keep]
-        kept = np.minimum(lengths, limit)
+        ranked, kept = self._rank(m, tokens, n_counts, limit)
         self._warn_empty_cells(kept, lo, "<cls> <eos> only" if self.special_tokens else "an empty sequence")
         n_rows = hi - lo
         offsets = np.zeros(n_rows + 1, dtype=np.int64)
@@ -179,3 +175,27 @@ class RankValueTokenizer(ChunkTokenizer):
             obs_names=np.asarray(source.obs_names[lo:hi]),
             meta=self.settings(),
         )
+
+    def _rank(
+        self, m: sp.csr_matrix, tokens: np.ndarray, n_counts: np.ndarray, limit: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens of every cell in rank order, the first ``limit`` per cell, and their counts.
+
+        Score ``counts / n_counts * target_sum / median``; descending; equal scores keep ascending
+        token id (entries are in token order and both sorts are stable).
+        """
+        lengths = np.diff(m.indptr)
+        if USE_COMPILED:
+            from scforge.tokenize import _compiled
+
+            order = np.empty(m.data.size, dtype=np.int64)
+            kept = np.empty(lengths.size, dtype=np.int64)
+            _compiled.rank_chunk(m.indptr, m.data, tokens, n_counts, self._medians, self.target_sum, limit, kept, order)
+            keep = (np.arange(m.data.size, dtype=np.int64) - np.repeat(m.indptr[:-1].astype(np.int64), lengths)) < np.repeat(kept, lengths)
+            return tokens[order[keep]], kept
+        rows = K.row_index(m.indptr)
+        x = m.data.astype(np.float64) / np.repeat(n_counts, lengths) * self.target_sum / self._medians[tokens]
+        order = np.lexsort((-x, rows))  # stable: equal scores keep entry (token) order
+        rank = np.arange(order.size, dtype=np.int64) - np.repeat(m.indptr[:-1].astype(np.int64), lengths)
+        keep = rank < limit
+        return tokens[order][keep], np.minimum(lengths, limit)
