@@ -205,3 +205,20 @@ def test_backed_anndata_for_rank_and_logbins(tmp_path):
         b = make_tokenizer(kind).tokenize(adata)
         key = "values" if a.values is not None else "gene_ids"
         assert np.array_equal(getattr(a, key), getattr(b, key))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_explicit_zeros_are_ignored_and_left_in_place(kind):
+    x = counts_adata().X.toarray()
+    stored = sp.csr_matrix(x)
+    stored.data[0] = 0.0  # an explicitly stored zero in the caller's matrix
+    adata = ad.AnnData(stored.copy())
+    adata.var_names = GENES
+    nnz_before = adata.X.nnz
+    got = make_tokenizer(kind).tokenize(adata)
+    clean = stored.copy()
+    clean.eliminate_zeros()
+    expected = make_tokenizer(kind).tokenize(counts_adata(clean.toarray()))
+    key = "values" if got.values is not None else "gene_ids"
+    assert np.array_equal(getattr(got, key), getattr(expected, key))
+    assert adata.X.nnz == nnz_before and adata.X.data[0] == 0.0  # caller's structure untouched

@@ -97,11 +97,12 @@ def test_row_hash_uniform_is_uniform_and_keyed():
 def _compiled_bins(csr, n_edges, normalize, log1p, seed=3, first_cell=10):
     from scforge.tokenize import _compiled
 
-    tokens = csr.indices.astype(np.int64)
+    column_tokens = np.arange(csr.shape[1], dtype=np.int64)
     edges = np.empty((csr.shape[0], n_edges))
     out = np.empty(csr.nnz, dtype=np.float32)
-    _compiled.bin_chunk(csr.indptr, csr.data, tokens, np.linspace(0, 1, n_edges), 1e4, normalize, log1p,
-                        True, np.uint64(K.hash_salt(seed, 0)), first_cell, edges, out)
+    _compiled.bin_chunk(csr.indptr, csr.data, csr.indices, column_tokens, np.linspace(0, 1, n_edges), 1e4,
+                        normalize, log1p, True, np.uint64(K.hash_salt(seed, 0)), first_cell, edges, out,
+                        np.empty(0, dtype=np.int32), 0)
     return out, edges
 
 

@@ -141,7 +141,8 @@ def as_source(
 def _to_csr(block: Any) -> sp.csr_matrix:
     """Convert one row block to canonical CSR with a float32/float64 dtype (always a new object)."""
     if sp.issparse(block):
-        csr = sp.csr_matrix(block, copy=True)
+        # a row slice is already a new object (scipy and anndata's backed datasets copy)
+        csr = block if block.format == "csr" else sp.csr_matrix(block)
     else:  # numpy (or a backed dense slice): float16 and ints go to float32 before scipy sees them
         dense = np.asarray(block)
         if dense.dtype not in (np.float32, np.float64):

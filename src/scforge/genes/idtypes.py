@@ -88,9 +88,19 @@ class IdTypeGuess:
 def _as_series(genes: Sequence[str]) -> pd.Series:
     if isinstance(genes, str):
         genes = [genes]
-    s = pd.Series(np.asarray(genes, dtype=object).ravel(), dtype=object)
-    s = s[s.notna()].astype(str).str.strip()
-    return s[(s != "") & (s.str.lower() != "nan")].reset_index(drop=True)
+    values = np.asarray(genes, dtype=object).ravel()
+    values = values[~pd.isna(values)]
+    text = np.char.strip(values.astype(str))  # vectorized in C, not per-name Python
+    keep = (text != "") & (np.char.lower(text) != "nan")
+    return pd.Series(text[keep].astype(object), dtype=object)
+
+
+def _regex_where(s: pd.Series, pattern: str, candidates: np.ndarray, case: bool = True) -> np.ndarray:
+    """Boolean mask of names matching ``pattern``, tested only where ``candidates`` is True."""
+    out = np.zeros(len(s), dtype=bool)
+    if candidates.any():
+        out[candidates] = s[candidates].str.match(pattern, case=case).to_numpy()
+    return out
 
 
 def _is_positional(s: pd.Series) -> bool:
@@ -110,12 +120,15 @@ def detect_id_type(genes: Sequence[str]) -> IdTypeGuess:
     if n == 0:
         return IdTypeGuess("unknown", "unknown", 0.0, [], False, note="no gene names given")
 
-    hum_ens = s.str.match(HUMAN_ENSEMBL_RE, case=False).to_numpy()
-    mus_ens = s.str.match(MOUSE_ENSEMBL_RE, case=False).to_numpy()
-    entrez = s.str.match(ENTREZ_RE).to_numpy()
+    text = s.to_numpy(dtype=str)
+    ens_like = np.char.startswith(np.char.upper(text), "ENS")
+    hum_ens = _regex_where(s, HUMAN_ENSEMBL_RE, ens_like, case=False)
+    mus_ens = _regex_where(s, MOUSE_ENSEMBL_RE, ens_like, case=False)
+    entrez = _regex_where(s, ENTREZ_RE, np.char.isdigit(text))
     rest = ~(hum_ens | mus_ens | entrez)
-    in_h = rest & s.isin(species_index("human").all_names).to_numpy()
-    in_m = rest & s.isin(species_index("mouse").all_names).to_numpy()
+    # the tables' Index objects keep their hash tables, so lookups do not rebuild them per call
+    in_h = rest & (species_index("human").all_names.get_indexer(s) >= 0)
+    in_m = rest & (species_index("mouse").all_names.get_indexer(s) >= 0)
     h_only, m_only, both = in_h & ~in_m, in_m & ~in_h, in_h & in_m
     sym_type, sym_mask = (
         ("symbol", h_only | both) if h_only.sum() >= m_only.sum() else ("mouse_symbol", m_only | both)

@@ -5,8 +5,8 @@ the NumPy reference kernels in ``_kernels.py`` bit for bit: the same float32/flo
 the same order, the same hash for random draws. Tests check the two against each other and against
 ``np.quantile`` / ``np.digitize``. Kernels release the GIL, so chunk threads run them in parallel.
 
-Binning uses a counting path for integer counts (a histogram per cell, no sort: O(n + max count))
-and a sort path otherwise.
+Binning uses a counting path for integer counts below 65,536 (a histogram per cell, no sort:
+O(n + max count)) and a sort path otherwise.
 """
 
 from __future__ import annotations
@@ -82,11 +82,12 @@ def _edge(a, b, gamma: float) -> float:
     return a + diff * gamma
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def bin_chunk(
     indptr: np.ndarray,
     data: np.ndarray,
-    tokens: np.ndarray,
+    indices: np.ndarray,
+    column_tokens: np.ndarray,
     q: np.ndarray,
     target_sum: float,
     normalize: bool,
@@ -96,15 +97,27 @@ def bin_chunk(
     first_cell: int,
     edges: np.ndarray,
     out: np.ndarray,
+    out_genes: np.ndarray,
+    shift: int,
 ) -> None:
-    """scGPT value bins for every entry of a CSR chunk, written to ``out`` (float32).
+    """scGPT value bins for every entry of a CSR chunk.
 
+    Entry ``i`` of row ``r`` (gene token ``column_tokens[indices[i]]``) gets its bin in
+    ``out[i + shift * (r + 1)]`` and, when ``out_genes`` is not empty, its token there too
+    (``shift=1`` leaves room for a ``<cls>`` before every cell; ``shift=0`` writes entry-aligned).
     ``edges`` [rows, len(q)] receives each cell's quantile edges. With ``random_ties`` a value on
     tied edges gets ``left - floor(r * (left - right))`` with ``r`` the (seed, cell, gene) hash,
     otherwise ``left`` (the ``np.digitize`` result).
     """
+    write_genes = out_genes.size > 0
     n_rows = indptr.size - 1
     n_edges = q.size
+    # scratch tables indexed by count value, valid for a row where stamp == row (no clearing)
+    stamp = np.full(_HIST_LIMIT, -1, dtype=np.int64)
+    hist = np.zeros(_HIST_LIMIT, dtype=np.int64)
+    done = np.full(_HIST_LIMIT, -1, dtype=np.int64)
+    left_of = np.zeros(_HIST_LIMIT, dtype=np.int64)
+    right_of = np.zeros(_HIST_LIMIT, dtype=np.int64)
     for row in range(n_rows):
         lo = indptr[row]
         hi = indptr[row + 1]
@@ -113,36 +126,37 @@ def bin_chunk(
             for j in range(n_edges):
                 edges[row, j] = 0.0
             continue
-        factor = data[lo]  # unused unless normalize
-        if normalize:
-            total = 0.0
-            for i in range(lo, hi):
-                total += data[i]
-            factor = _cast(total, data) / _cast(target_sum, data)
-        # counting path for integer counts, sort path otherwise
-        max_v = data[lo]
-        integral = True
+        # one pass: total, and a histogram of counts while the values are small integers
+        total = 0.0
+        use_hist = True
+        max_c = 0
         for i in range(lo, hi):
             v = data[i]
-            if v > max_v:
-                max_v = v
-            if integral and v != np.floor(v):
-                integral = False
-        use_hist = integral and max_v < _HIST_LIMIT and max_v <= 8 * n + 64
-        if use_hist:
-            m = int(max_v) + 1
-            cum = np.zeros(m, dtype=np.int64)
-            for i in range(lo, hi):
-                cum[int(data[i])] += 1
-            for v in range(1, m):
-                cum[v] += cum[v - 1]
-        else:
+            total += v
+            if use_hist:
+                if v < _HIST_LIMIT and int(v) == v:
+                    c = int(v)
+                    if stamp[c] != row:
+                        stamp[c] = row
+                        hist[c] = 0
+                    hist[c] += 1
+                    if c > max_c:
+                        max_c = c
+                else:
+                    use_hist = False
+        if use_hist and max_c > 8 * n + 64:  # few, large counts: sorting is cheaper than the walk
+            use_hist = False
+        factor = data[lo]  # unused unless normalize
+        if normalize:
+            factor = _cast(total, data) / _cast(target_sum, data)
+        if not use_hist:
             xs = np.empty(n, dtype=data.dtype)
             for i in range(n):
                 xs[i] = _scale(data[lo + i], factor, normalize, log1p)
             xs.sort()
-        # quantile edges, as np.quantile(..., method="linear")
-        walk = 0  # histogram walk position (positions are visited in increasing order)
+        # quantile edges, as np.quantile(..., method="linear"); positions only increase with j
+        walk = 0  # smallest count value whose cumulative frequency exceeds the position
+        below = 0  # entries with a count < walk
         for j in range(n_edges):
             virtual = (n - 1) * q[j]
             if virtual >= n - 1:
@@ -155,12 +169,15 @@ def bin_chunk(
                 pb = pa + 1
                 gamma = virtual - prev
             if use_hist:
-                while cum[walk] <= pa:
+                while below + (hist[walk] if stamp[walk] == row else 0) <= pa:
+                    below += hist[walk] if stamp[walk] == row else 0
                     walk += 1
                 va = walk
                 vb = walk
-                while cum[vb] <= pb:
+                upto = below + hist[vb]
+                while upto <= pb:
                     vb += 1
+                    upto += hist[vb] if stamp[vb] == row else 0
                 a = _scale(_cast(va, data), factor, normalize, log1p)
                 b = _scale(_cast(vb, data), factor, normalize, log1p)
             else:
@@ -168,13 +185,13 @@ def bin_chunk(
                 b = xs[pb]
             edges[row, j] = _edge(a, b, gamma)
         cell_key = _mix32(np.uint64(first_cell + row) ^ salt)
-        if use_hist:  # digitize each distinct count once
-            left_of = np.full(m, -1, dtype=np.int64)
-            right_of = np.zeros(m, dtype=np.int64)
+        offset = shift * (row + 1)
         for i in range(lo, hi):
-            if use_hist:
+            token = column_tokens[indices[i]]
+            if use_hist:  # digitize each distinct count once per row
                 c = int(data[i])
-                if left_of[c] < 0:
+                if done[c] != row:
+                    done[c] = row
                     x = _scale(data[i], factor, normalize, log1p)
                     left_of[c] = _count_le(edges, row, x)
                     right_of[c] = _count_lt(edges, row, x)
@@ -185,10 +202,12 @@ def bin_chunk(
                 left = _count_le(edges, row, x)
                 right = _count_lt(edges, row, x)
             if random_ties and left != right:
-                gene = (np.uint64(tokens[i]) * np.uint64(0x27D4EB2F)) & np.uint64(0xFFFFFFFF)
-                r = float(_mix32(cell_key ^ gene)) * (1.0 / 4294967296.0)
-                left = left - int(np.floor(r * (left - right)))
-            out[i] = left
+                gene = (np.uint64(token) * np.uint64(0x27D4EB2F)) & np.uint64(0xFFFFFFFF)
+                r = np.float64(np.int64(_mix32(cell_key ^ gene))) * (1.0 / 4294967296.0)
+                left = left - int(r * (left - right))  # r * d >= 0, so int() is floor
+            out[i + offset] = left
+            if write_genes:
+                out_genes[i + offset] = token
 
 
 @numba.njit(cache=True, nogil=True)

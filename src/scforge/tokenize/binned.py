@@ -169,22 +169,61 @@ class BinnedTokenizer(ChunkTokenizer):
     ) -> TokenizedCells:
         m = self._aligned(source, plan, lo, hi, csr)
         n_rows = hi - lo
-        tokens = plan.out_tokens[m.indices]
-        if self.n_bins is not None:
-            values, _ = self._bins(m, lo, tokens)
-        else:
-            values = K.scale_values(m.data, K.row_index(m.indptr), self._factors(m), self.log1p).astype(np.float32)
         indptr = m.indptr.astype(np.int64)
-        if self.include_zero_gene:
-            tokens, values, indptr = _with_zeros(plan, m, values)
         lengths = np.diff(indptr)
         self._warn_empty_cells(lengths, lo, "only <cls>" if self.append_cls else "no tokens")
         limit = None if self.max_len is None else self.max_len - (1 if self.append_cls else 0)
-        if limit is not None and lengths.max(initial=0) > limit:
+        needs_subsample = limit is not None and lengths.max(initial=0) > limit
+        if USE_COMPILED and self.n_bins is not None and not self.include_zero_gene and not needs_subsample:
+            return self._tokenize_direct(source, plan, lo, hi, m, lengths)
+        tokens = plan.out_tokens[m.indices]
+        if self.n_bins is not None:
+            values, _ = self._bins(m, lo, plan.out_tokens)
+        else:
+            values = K.scale_values(m.data, K.row_index(m.indptr), self._factors(m), self.log1p).astype(np.float32)
+        if self.include_zero_gene:
+            tokens, values, indptr = _with_zeros(plan, m, values)
+            lengths = np.diff(indptr)
+            needs_subsample = limit is not None and lengths.max(initial=0) > limit
+        if needs_subsample:
             keep = self._subsample(indptr, lo, tokens, limit)
             tokens, values = tokens[keep], values[keep]
             lengths = np.minimum(lengths, limit)
         return self._assemble(source, lo, hi, tokens, values, lengths)
+
+    def _tokenize_direct(
+        self, source: ExpressionSource, plan: GenePlan, lo: int, hi: int, m: sp.csr_matrix, lengths: np.ndarray
+    ) -> TokenizedCells:
+        """Compiled kernel writing bins and tokens straight into the output (the common case)."""
+        extra = 1 if self.append_cls else 0
+        offsets = np.zeros(hi - lo + 1, dtype=np.int64)
+        np.cumsum(lengths + extra, out=offsets[1:])
+        gene_out = np.empty(int(offsets[-1]), dtype=np.int32)
+        value_out = np.empty(int(offsets[-1]), dtype=np.float32)
+        if extra:
+            gene_out[offsets[:-1]] = self.cls_id
+            value_out[offsets[:-1]] = self.cls_value
+        self._run_bin_kernel(m, lo, plan.out_tokens, value_out, gene_out, extra)
+        return TokenizedCells(
+            offsets=offsets, gene_ids=gene_out, values=value_out,
+            obs_names=np.asarray(source.obs_names[lo:hi]), meta=self.settings(),
+        )
+
+    def _run_bin_kernel(
+        self, m: sp.csr_matrix, lo: int, column_tokens: np.ndarray, values: np.ndarray, genes: np.ndarray, shift: int
+    ) -> np.ndarray:
+        """Run the compiled binning kernel on an aligned chunk; returns the cells' bin edges."""
+        from scforge.tokenize import _compiled
+
+        n_edges = self.n_bins - 1
+        edges = np.empty((m.shape[0], n_edges), dtype=np.float64)
+        _compiled.bin_chunk(
+            m.indptr, m.data, m.indices, column_tokens, np.linspace(0, 1, n_edges),
+            float(self.normalize_total or 0.0), self.normalize_total is not None, self.log1p,
+            self.ties == "random", np.uint64(K.hash_salt(self.seed, _TIE_STREAM)), lo, edges,
+            values, genes, shift,
+        )
+        return edges
 
     def _aligned(self, source: ExpressionSource, plan: GenePlan, lo: int, hi: int, csr: sp.csr_matrix) -> sp.csr_matrix:
         """Checked, vocabulary-aligned chunk."""
@@ -197,20 +236,14 @@ class BinnedTokenizer(ChunkTokenizer):
             return None
         return K.row_factors(m.data, m.indptr, self.normalize_total)
 
-    def _bins(self, m: sp.csr_matrix, lo: int, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _bins(self, m: sp.csr_matrix, lo: int, column_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Bin of every stored entry (float32) and each cell's edges ``[cells, n_bins - 1]``."""
         n_edges = self.n_bins - 1
         if USE_COMPILED:
-            from scforge.tokenize import _compiled
-
             values = np.empty(m.data.size, dtype=np.float32)
-            edges = np.empty((m.shape[0], n_edges), dtype=np.float64)
-            _compiled.bin_chunk(
-                m.indptr, m.data, tokens, np.linspace(0, 1, n_edges),
-                float(self.normalize_total or 0.0), self.normalize_total is not None, self.log1p,
-                self.ties == "random", np.uint64(K.hash_salt(self.seed, _TIE_STREAM)), lo, edges, values,
-            )
+            edges = self._run_bin_kernel(m, lo, column_tokens, values, np.empty(0, dtype=np.int32), 0)
             return values, edges
+        tokens = column_tokens[m.indices]
         left, right, edges = K.bin_limits(m.data, m.indptr, n_edges, factors=self._factors(m), log1p=self.log1p)
         if self.ties == "random":
             # the reference's rule ceil(r * (right - left) + left), r ~ U[0, 1), written as
@@ -267,7 +300,7 @@ class BinnedTokenizer(ChunkTokenizer):
         out = np.zeros((source.n_obs, self.n_bins - 1), dtype=np.float64)
         for lo, hi, csr in iter_row_chunks(source, self.chunk_size):
             m = self._aligned(source, plan, lo, hi, csr)
-            _, out[lo:hi] = self._bins(m, lo, plan.out_tokens[m.indices])
+            _, out[lo:hi] = self._bins(m, lo, plan.out_tokens)
         return out
 
 
