@@ -17,9 +17,7 @@ MODELS = ("scgpt", "geneformer", "scbert")
 
 
 def _read_data(spec: str) -> Any:
-    """An .h5ad path (opened backed, read-only) or the name of a scanpy bundled dataset."""
-    import anndata as ad
-
+    """An .h5ad path (streamed from disk, never loaded whole) or a scanpy bundled dataset name."""
     if spec == "pbmc68k_reduced":
         import scanpy as sc
 
@@ -29,7 +27,7 @@ def _read_data(spec: str) -> Any:
         raise ScforgeError(f"Data file {spec!r} not found. Give an .h5ad path or 'pbmc68k_reduced'.")
     if path.suffix != ".h5ad":
         raise ScforgeError(f"{spec!r} is not an .h5ad file. Convert it with anndata first.")
-    return ad.read_h5ad(path, backed="r")
+    return str(path)
 
 
 def _make_tokenizer(model: str, vocab: str | None, args: argparse.Namespace) -> Any:

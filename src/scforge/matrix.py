@@ -7,8 +7,10 @@ modifies the caller's object: every conversion makes a new array.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,18 +26,41 @@ DEFAULT_CHUNK_SIZE = 2048
 class ExpressionSource:
     """A cells x genes matrix to read in row chunks, with its gene table and cell names.
 
-    Build one with :func:`as_source` from an AnnData (in memory or ``backed="r"``) or a bare
-    matrix (numpy, any scipy sparse format) plus gene names.
+    Build one with :func:`as_source` from an AnnData (in memory or ``backed="r"``), an ``.h5ad``
+    path (streamed: cell names and obs columns are read per chunk, so memory does not grow with
+    the number of cells), or a bare matrix (numpy, any scipy sparse format) plus gene names.
     """
 
     matrix: Any
     var: pd.DataFrame
-    obs: pd.DataFrame
+    obs: pd.DataFrame | None
     where: str
+    h5_obs: Any = None  # the obs group of an .h5ad opened by path (read lazily)
+    _columns: dict = field(default_factory=dict, repr=False, compare=False)
 
-    @property
-    def obs_names(self) -> pd.Index:
-        return self.obs.index
+    def obs_names_range(self, lo: int, hi: int) -> np.ndarray:
+        """Names of cells ``lo..hi-1``."""
+        if self.obs is not None:
+            return np.asarray(self.obs.index[lo:hi])
+        if self.h5_obs is not None:
+            names = self.h5_obs[self.h5_obs.attrs["_index"]]
+            return np.asarray(names.asstr()[lo:hi] if names.dtype.kind in "OS" else names[lo:hi]).astype(object)
+        return np.arange(lo, hi)
+
+    def obs_column(self, key: str) -> np.ndarray | None:
+        """A per-cell column of obs (e.g. ``n_counts``) as an array, or None when absent (cached)."""
+        if key not in self._columns:
+            self._columns[key] = self._read_obs_column(key)
+        return self._columns[key]
+
+    def _read_obs_column(self, key: str) -> np.ndarray | None:
+        if self.obs is not None:
+            return np.asarray(self.obs[key]) if key in self.obs.columns else None
+        if self.h5_obs is not None and key in self.h5_obs and key != self.h5_obs.attrs["_index"]:
+            from anndata.io import read_elem
+
+            return np.asarray(read_elem(self.h5_obs[key]))
+        return None
 
     @property
     def n_obs(self) -> int:
@@ -79,6 +104,8 @@ def as_source(
     """
     import anndata as ad
 
+    if isinstance(data, (str, os.PathLike)):
+        return _h5ad_source(Path(data), layer=layer, use_raw=use_raw)
     if isinstance(data, ad.AnnData):
         where = "the AnnData"
         if use_raw:
@@ -127,7 +154,7 @@ def as_source(
         source = ExpressionSource(
             matrix=data,
             var=pd.DataFrame(index=names),
-            obs=pd.DataFrame(index=pd.RangeIndex(data.shape[0]).astype(str)),
+            obs=None,  # cells are numbered 0..n-1
             where="the matrix",
         )
     if source.n_obs == 0 or source.n_vars == 0:
@@ -135,6 +162,44 @@ def as_source(
             f"{source.where} is empty ({source.n_obs} cells x {source.n_vars} genes); there is "
             "nothing to tokenize."
         )
+    return source
+
+
+def _h5ad_source(path: Path, *, layer: str | None, use_raw: bool) -> ExpressionSource:
+    """Open an .h5ad for streaming: the matrix stays on disk, obs is read per chunk."""
+    import h5py
+    from anndata.io import read_elem
+
+    try:
+        from anndata.io import sparse_dataset
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import sparse_dataset
+
+    if not path.exists():
+        raise InputDataError(f"File {str(path)!r} not found. Give the path of an .h5ad file.")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise InputDataError(f"{str(path)!r} is not a readable .h5ad (HDF5) file: {exc}") from exc
+    if "X" not in f or "var" not in f or "obs" not in f:
+        raise InputDataError(f"{str(path)!r} is not an AnnData .h5ad file (no X/obs/var).")
+    group, var_group, where = f, f["var"], f"{path.name}:X"
+    if use_raw:
+        if "raw" not in f:
+            raise InputDataError(f"use_raw=True but {path.name} has no raw. Pass use_raw=False.")
+        group, var_group, where = f["raw"], f["raw"]["var"], f"{path.name}:raw.X"
+    element = group["X"]
+    if layer is not None:
+        layers = f["layers"] if "layers" in f else {}
+        if layer not in layers:
+            have = ", ".join(map(repr, layers.keys())) or "(none)"
+            raise InputDataError(f"Layer {layer!r} is not in {path.name}. Layers present: {have}.")
+        element, where = layers[layer], f"{path.name}:layers[{layer!r}]"
+    kind = element.attrs.get("encoding-type", "array") if isinstance(element, h5py.Group) else "array"
+    matrix = sparse_dataset(element) if kind in ("csr_matrix", "csc_matrix") else element
+    source = ExpressionSource(matrix=matrix, var=read_elem(var_group), obs=None, where=where, h5_obs=f["obs"])
+    if source.n_obs == 0 or source.n_vars == 0:
+        raise InputDataError(f"{where} is empty ({source.n_obs} cells x {source.n_vars} genes).")
     return source
 
 
@@ -226,14 +291,6 @@ def require_counts(csr: sp.csr_matrix, where: str, rows: tuple[int, int] | None 
         f"{where}{span} must hold raw integer counts, but {frac:.1%} of the non-zero values are "
         f"not integers. {hint}. Pass the raw counts (e.g. layer='counts' or use_raw=True)."
     )
-
-
-def row_sums(source: ExpressionSource, chunk_size: int = DEFAULT_CHUNK_SIZE) -> np.ndarray:
-    """Total of each row (float64), read in chunks."""
-    out = np.empty(source.n_obs, dtype=np.float64)
-    for lo, hi, csr in iter_row_chunks(source, chunk_size):
-        out[lo:hi] = np.asarray(csr.sum(axis=1, dtype=np.float64)).ravel()
-    return out
 
 
 def column_sums(source: ExpressionSource, chunk_size: int = DEFAULT_CHUNK_SIZE) -> np.ndarray:

@@ -57,9 +57,8 @@ def _count_lt(edges: np.ndarray, row: int, x: float) -> int:
 
 
 @numba.njit(cache=True, inline="always")
-def _cast(value, like: np.ndarray):
-    """``value`` converted to the dtype of ``like`` (as NumPy's astype)."""
-    box = np.empty(1, dtype=like.dtype)
+def _cast(value, box: np.ndarray):
+    """``value`` converted to the dtype of the one-element scratch array ``box`` (as astype)."""
     box[0] = value
     return box[0]
 
@@ -112,6 +111,7 @@ def bin_chunk(
     write_genes = out_genes.size > 0
     n_rows = indptr.size - 1
     n_edges = q.size
+    box = np.empty(1, dtype=data.dtype)  # for conversions to the data dtype without allocating
     # scratch tables indexed by count value, valid for a row where stamp == row (no clearing)
     stamp = np.full(_HIST_LIMIT, -1, dtype=np.int64)
     hist = np.zeros(_HIST_LIMIT, dtype=np.int64)
@@ -148,7 +148,7 @@ def bin_chunk(
             use_hist = False
         factor = data[lo]  # unused unless normalize
         if normalize:
-            factor = _cast(total, data) / _cast(target_sum, data)
+            factor = _cast(total, box) / _cast(target_sum, box)
         if not use_hist:
             xs = np.empty(n, dtype=data.dtype)
             for i in range(n):
@@ -178,8 +178,8 @@ def bin_chunk(
                 while upto <= pb:
                     vb += 1
                     upto += hist[vb] if stamp[vb] == row else 0
-                a = _scale(_cast(va, data), factor, normalize, log1p)
-                b = _scale(_cast(vb, data), factor, normalize, log1p)
+                a = _scale(_cast(va, box), factor, normalize, log1p)
+                b = _scale(_cast(vb, box), factor, normalize, log1p)
             else:
                 a = xs[pa]
                 b = xs[pb]

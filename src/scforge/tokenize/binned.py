@@ -206,7 +206,7 @@ class BinnedTokenizer(ChunkTokenizer):
         self._run_bin_kernel(m, lo, plan.out_tokens, value_out, gene_out, extra)
         return TokenizedCells(
             offsets=offsets, gene_ids=gene_out, values=value_out,
-            obs_names=np.asarray(source.obs_names[lo:hi]), meta=self.settings(),
+            obs_names=source.obs_names_range(lo, hi), meta=self.settings(),
         )
 
     def _run_bin_kernel(
@@ -284,7 +284,7 @@ class BinnedTokenizer(ChunkTokenizer):
             offsets=offsets,
             gene_ids=gene_out,
             values=value_out,
-            obs_names=np.asarray(source.obs_names[lo:hi]),
+            obs_names=source.obs_names_range(lo, hi),
             meta=self.settings(),
         )
 

@@ -130,6 +130,6 @@ class LogBinTokenizer(ChunkTokenizer):
             offsets=np.arange(n_rows + 1, dtype=np.int64) * width,
             gene_ids=None,
             values=dense.ravel(),
-            obs_names=np.asarray(source.obs_names[lo:hi]),
+            obs_names=source.obs_names_range(lo, hi),
             meta=self.settings(),
         )

@@ -127,8 +127,9 @@ class RankValueTokenizer(ChunkTokenizer):
         return alignment
 
     def _plan(self, source: ExpressionSource, gene_col: str | None) -> GenePlan:
-        if self.n_counts_key is not None and self.n_counts_key in source.obs.columns:
-            n_counts = np.asarray(source.obs[self.n_counts_key], dtype=np.float64)
+        n_counts = source.obs_column(self.n_counts_key) if self.n_counts_key is not None else None
+        if n_counts is not None:
+            n_counts = np.asarray(n_counts, dtype=np.float64)
             if not np.all(np.isfinite(n_counts)) or np.any(n_counts < 0):
                 raise InputDataError(
                     f"obs[{self.n_counts_key!r}] has missing, infinite or negative totals. Recompute "
@@ -141,8 +142,9 @@ class RankValueTokenizer(ChunkTokenizer):
     ) -> TokenizedCells:
         check_values(csr, source.where, (lo, hi))
         require_counts(csr, source.where, (lo, hi))
-        if self.n_counts_key is not None and self.n_counts_key in source.obs.columns:
-            n_counts = np.asarray(source.obs[self.n_counts_key].iloc[lo:hi], dtype=np.float64)
+        column = source.obs_column(self.n_counts_key) if self.n_counts_key is not None else None
+        if column is not None:
+            n_counts = np.asarray(column[lo:hi], dtype=np.float64)
         else:  # over all genes of the data, as Geneformer asks of its users
             n_counts = np.asarray(csr.sum(axis=1, dtype=np.float64)).ravel()
         m = K.remap_columns(csr, plan.colmap, plan.n_out, plan.needs_sort)
@@ -172,7 +174,7 @@ class RankValueTokenizer(ChunkTokenizer):
             offsets=offsets,
             gene_ids=out,
             values=None,
-            obs_names=np.asarray(source.obs_names[lo:hi]),
+            obs_names=source.obs_names_range(lo, hi),
             meta=self.settings(),
         )
 
