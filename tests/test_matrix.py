@@ -62,9 +62,15 @@ def test_chunks_cover_every_row_once_and_copy(ifnb_small):
     seen = []
     for lo, hi, csr in iter_row_chunks(source, chunk_size=50):
         assert (csr != x[lo:hi]).nnz == 0
-        csr.data[:] = -1  # chunks are private copies
+        try:  # chunks are read-only views or private copies: the source never changes
+            csr.data[:] = -1
+        except ValueError:
+            assert not csr.data.flags.writeable
         seen.extend(range(lo, hi))
     assert seen == list(range(257)) and x.data.min() >= 0
+    unsorted = sp.csr_matrix((np.array([1.0, 2.0], dtype=np.float32), np.array([1, 0]), np.array([0, 2])), shape=(1, 2))
+    _, _, block = next(iter_row_chunks(as_source(unsorted, var_names=["a", "b"])))
+    assert block.indices.tolist() == [0, 1] and unsorted.indices.tolist() == [1, 0]
     np.testing.assert_allclose(column_sums(source, 64), np.asarray(x.sum(0)).ravel())
 
 

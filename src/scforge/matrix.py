@@ -227,7 +227,11 @@ def iter_row_chunks(
     start: int = 0,
     stop: int | None = None,
 ) -> Iterator[tuple[int, int, sp.csr_matrix]]:
-    """Yield ``(start, stop, csr)`` row blocks; only one block is in memory at a time."""
+    """Yield ``(start, stop, csr)`` row blocks; only one block is in memory at a time.
+
+    Blocks are canonical float CSR without stored zeros. For an in-memory canonical CSR matrix
+    they are read-only views (no copy); otherwise private copies. Never write into a block.
+    """
     if chunk_size < 1:
         raise InputDataError(f"chunk_size must be >= 1, got {chunk_size}.")
     stop = source.n_obs if stop is None else min(stop, source.n_obs)
@@ -235,9 +239,37 @@ def iter_row_chunks(
     if sp.issparse(matrix) and matrix.format not in ("csr", "csc"):
         # COO/DOK/LIL cannot be row-sliced cheaply; one conversion of the caller's matrix (a copy)
         matrix = matrix.tocsr()
+    viewable = (
+        sp.issparse(matrix) and matrix.format == "csr" and matrix.dtype in (np.float32, np.float64)
+        and _is_canonical(matrix)
+    )
     for lo in range(start, stop, chunk_size):
         hi = min(lo + chunk_size, stop)
-        yield lo, hi, _to_csr(matrix[lo:hi])
+        block = _csr_view(matrix, lo, hi) if viewable else None
+        yield lo, hi, block if block is not None else _to_csr(matrix[lo:hi])
+
+
+def _is_canonical(matrix: sp.csr_matrix) -> bool:
+    """Sorted, duplicate-free indices. scipy's C check; it caches the answer as a flag on the
+    matrix object (as scipy's own operations do), the data are not touched."""
+    return bool(matrix.has_canonical_format)
+
+
+def _csr_view(matrix: sp.csr_matrix, lo: int, hi: int) -> sp.csr_matrix | None:
+    """Rows ``lo..hi-1`` as a read-only CSR view, or None when stored zeros need removing."""
+    a, b = int(matrix.indptr[lo]), int(matrix.indptr[hi])
+    data = matrix.data[a:b]
+    if data.size and not data.all():
+        return None
+    data = data.view()
+    indices = matrix.indices[a:b].view()
+    data.flags.writeable = False
+    indices.flags.writeable = False
+    indptr = (matrix.indptr[lo : hi + 1] - a).astype(np.int64)
+    view = sp.csr_matrix((data, indices, indptr), shape=(hi - lo, matrix.shape[1]), copy=False)
+    view.has_sorted_indices = True
+    view.has_canonical_format = True
+    return view
 
 
 def _first_entry(csr: sp.csr_matrix, mask: np.ndarray, first_row: int) -> str:

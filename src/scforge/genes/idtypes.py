@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+_strings = getattr(np, "strings", np.char)  # NumPy >= 2 has fast string ufuncs
+
 __all__ = ["IdTypeGuess", "detect_id_type", "ID_TYPES", "species_of", "kind_of"]
 
 ID_TYPES = ("symbol", "ensembl", "mouse_symbol", "mouse_ensembl", "entrez", "unknown")
@@ -90,8 +92,8 @@ def _as_series(genes: Sequence[str]) -> pd.Series:
         genes = [genes]
     values = np.asarray(genes, dtype=object).ravel()
     values = values[~pd.isna(values)]
-    text = np.char.strip(values.astype(str))  # vectorized in C, not per-name Python
-    keep = (text != "") & (np.char.lower(text) != "nan")
+    text = _strings.strip(values.astype(str))  # string ufuncs: C loops, not per-name Python
+    keep = (text != "") & (_strings.lower(text) != "nan")
     return pd.Series(text[keep].astype(object), dtype=object)
 
 
@@ -121,10 +123,10 @@ def detect_id_type(genes: Sequence[str]) -> IdTypeGuess:
         return IdTypeGuess("unknown", "unknown", 0.0, [], False, note="no gene names given")
 
     text = s.to_numpy(dtype=str)
-    ens_like = np.char.startswith(np.char.upper(text), "ENS")
+    ens_like = _strings.startswith(_strings.upper(text), "ENS")
     hum_ens = _regex_where(s, HUMAN_ENSEMBL_RE, ens_like, case=False)
     mus_ens = _regex_where(s, MOUSE_ENSEMBL_RE, ens_like, case=False)
-    entrez = _regex_where(s, ENTREZ_RE, np.char.isdigit(text))
+    entrez = _regex_where(s, ENTREZ_RE, _strings.isdigit(text))
     rest = ~(hum_ens | mus_ens | entrez)
     # the tables' Index objects keep their hash tables, so lookups do not rebuild them per call
     in_h = rest & (species_index("human").all_names.get_indexer(s) >= 0)

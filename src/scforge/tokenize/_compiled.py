@@ -116,6 +116,8 @@ def bin_chunk(
     stamp = np.full(_HIST_LIMIT, -1, dtype=np.int64)
     hist = np.zeros(_HIST_LIMIT, dtype=np.int64)
     done = np.full(_HIST_LIMIT, -1, dtype=np.int64)
+    scaled_row = np.full(_HIST_LIMIT, -1, dtype=np.int64)
+    scaled_of = np.zeros(_HIST_LIMIT, dtype=data.dtype)
     left_of = np.zeros(_HIST_LIMIT, dtype=np.int64)
     right_of = np.zeros(_HIST_LIMIT, dtype=np.int64)
     for row in range(n_rows):
@@ -178,8 +180,14 @@ def bin_chunk(
                 while upto <= pb:
                     vb += 1
                     upto += hist[vb] if stamp[vb] == row else 0
-                a = _scale(_cast(va, box), factor, normalize, log1p)
-                b = _scale(_cast(vb, box), factor, normalize, log1p)
+                if scaled_row[va] != row:  # each distinct count is scaled once per row
+                    scaled_row[va] = row
+                    scaled_of[va] = _scale(_cast(va, box), factor, normalize, log1p)
+                if scaled_row[vb] != row:
+                    scaled_row[vb] = row
+                    scaled_of[vb] = _scale(_cast(vb, box), factor, normalize, log1p)
+                a = scaled_of[va]
+                b = scaled_of[vb]
             else:
                 a = xs[pa]
                 b = xs[pb]
@@ -192,7 +200,10 @@ def bin_chunk(
                 c = int(data[i])
                 if done[c] != row:
                     done[c] = row
-                    x = _scale(data[i], factor, normalize, log1p)
+                    if scaled_row[c] != row:
+                        scaled_row[c] = row
+                        scaled_of[c] = _scale(data[i], factor, normalize, log1p)
+                    x = scaled_of[c]
                     left_of[c] = _count_le(edges, row, x)
                     right_of[c] = _count_lt(edges, row, x)
                 left = left_of[c]
