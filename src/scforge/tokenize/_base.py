@@ -111,12 +111,17 @@ class ChunkTokenizer:
         self.n_jobs = resolve_n_jobs(n_jobs)
 
     # ---- to override ---------------------------------------------------------------------
+    def _ensembl_mapping(self) -> dict[str, str] | None:
+        """Id -> canonical id mapping applied before vocabulary lookup (Geneformer's collapse)."""
+        return None
+
     def _align(self, source: ExpressionSource, gene_col: str | None) -> GeneAlignment:
         alignment = align_genes(
             source.gene_names(gene_col),
             self.vocab,
             species=self.species,
             use_synonyms=self.use_synonyms,
+            ensembl_mapping=self._ensembl_mapping(),
         )
         alignment.require_overlap(where=source.where)
         return alignment
@@ -200,7 +205,8 @@ class ChunkTokenizer:
         """How the data's genes match this tokenizer's vocabulary (reads the data once for totals)."""
         source = as_source(data, layer=layer, var_names=var_names, use_raw=use_raw)
         alignment = align_genes(
-            source.gene_names(gene_col), self.vocab, species=self.species, use_synonyms=self.use_synonyms
+            source.gene_names(gene_col), self.vocab, species=self.species, use_synonyms=self.use_synonyms,
+            ensembl_mapping=self._ensembl_mapping(),
         )
         totals = column_sums(source, self.chunk_size)
         report = coverage_report(alignment, totals, vocab_name=self.name)

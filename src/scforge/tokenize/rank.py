@@ -17,7 +17,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from scforge.errors import ConfigError, InputDataError, VocabularyError
-from scforge.genes import GeneAlignment, GeneformerDictionaries, align_genes, load_geneformer_dictionaries
+from scforge.genes import GeneformerDictionaries, load_geneformer_dictionaries
 from scforge.matrix import ExpressionSource, check_values, require_counts
 from scforge.tokenize import _kernels as K
 from scforge.tokenize._base import ChunkTokenizer, GenePlan, plan_genes
@@ -115,16 +115,8 @@ class RankValueTokenizer(ChunkTokenizer):
             "vocab_size": len(self.vocab),
         }
 
-    def _align(self, source: ExpressionSource, gene_col: str | None) -> GeneAlignment:
-        alignment = align_genes(
-            source.gene_names(gene_col),
-            self.vocab,
-            species=self.species,
-            use_synonyms=self.use_synonyms,
-            ensembl_mapping=self.dictionaries.ensembl_mapping if self.collapse_gene_ids else None,
-        )
-        alignment.require_overlap(where=source.where)
-        return alignment
+    def _ensembl_mapping(self) -> dict[str, str] | None:
+        return self.dictionaries.ensembl_mapping if self.collapse_gene_ids else None
 
     def _plan(self, source: ExpressionSource, gene_col: str | None) -> GenePlan:
         n_counts = source.obs_column(self.n_counts_key) if self.n_counts_key is not None else None
