@@ -315,7 +315,7 @@ def require_counts(csr: sp.csr_matrix, where: str, rows: tuple[int, int] | None 
     span = f" (cells {rows[0]}..{rows[1] - 1})" if rows else ""
     frac = float(np.mean(data != np.floor(data)))
     hint = (
-        "They look log-transformed (max {:.3g})".format(float(data.max()))
+        f"They look log-transformed (max {float(data.max()):.3g})"
         if data.max() < 30
         else "They look normalized"
     )

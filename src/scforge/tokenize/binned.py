@@ -168,7 +168,6 @@ class BinnedTokenizer(ChunkTokenizer):
         self, source: ExpressionSource, plan: GenePlan, lo: int, hi: int, csr: sp.csr_matrix
     ) -> TokenizedCells:
         m = self._aligned(source, plan, lo, hi, csr)
-        n_rows = hi - lo
         indptr = m.indptr.astype(np.int64)
         lengths = np.diff(indptr)
         self._warn_empty_cells(lengths, lo, "only <cls>" if self.append_cls else "no tokens")
@@ -195,19 +194,24 @@ class BinnedTokenizer(ChunkTokenizer):
         self, source: ExpressionSource, plan: GenePlan, lo: int, hi: int, m: sp.csr_matrix, lengths: np.ndarray
     ) -> TokenizedCells:
         """Compiled kernel writing bins and tokens straight into the output (the common case)."""
+        offsets, gene_out, value_out = self._output_arrays(lengths)
+        self._run_bin_kernel(m, lo, plan.out_tokens, value_out, gene_out, 1 if self.append_cls else 0)
+        return TokenizedCells(
+            offsets=offsets, gene_ids=gene_out, values=value_out,
+            obs_names=source.obs_names_range(lo, hi), meta=self.settings(),
+        )
+
+    def _output_arrays(self, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Offsets and output arrays for cells of ``lengths`` genes, ``<cls>`` already in place."""
         extra = 1 if self.append_cls else 0
-        offsets = np.zeros(hi - lo + 1, dtype=np.int64)
+        offsets = np.zeros(lengths.size + 1, dtype=np.int64)
         np.cumsum(lengths + extra, out=offsets[1:])
         gene_out = np.empty(int(offsets[-1]), dtype=np.int32)
         value_out = np.empty(int(offsets[-1]), dtype=np.float32)
         if extra:
             gene_out[offsets[:-1]] = self.cls_id
             value_out[offsets[:-1]] = self.cls_value
-        self._run_bin_kernel(m, lo, plan.out_tokens, value_out, gene_out, extra)
-        return TokenizedCells(
-            offsets=offsets, gene_ids=gene_out, values=value_out,
-            obs_names=source.obs_names_range(lo, hi), meta=self.settings(),
-        )
+        return offsets, gene_out, value_out
 
     def _run_bin_kernel(
         self, m: sp.csr_matrix, lo: int, column_tokens: np.ndarray, values: np.ndarray, genes: np.ndarray, shift: int
@@ -269,14 +273,7 @@ class BinnedTokenizer(ChunkTokenizer):
     ) -> TokenizedCells:
         n_rows = hi - lo
         extra = 1 if self.append_cls else 0
-        offsets = np.zeros(n_rows + 1, dtype=np.int64)
-        np.cumsum(lengths + extra, out=offsets[1:])
-        total = int(offsets[-1])
-        gene_out = np.empty(total, dtype=np.int32)
-        value_out = np.empty(total, dtype=np.float32)
-        if extra:
-            gene_out[offsets[:-1]] = self.cls_id
-            value_out[offsets[:-1]] = self.cls_value
+        offsets, gene_out, value_out = self._output_arrays(lengths)
         dest = np.arange(tokens.size, dtype=np.int64) + np.repeat(np.arange(n_rows, dtype=np.int64) * extra + extra, lengths)
         gene_out[dest] = tokens
         value_out[dest] = values
