@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-_strings = getattr(np, "strings", np.char)  # NumPy >= 2 has fast string ufuncs
+np_strings = getattr(np, "strings", np.char)  # NumPy >= 2 has fast string ufuncs
 
 __all__ = ["IdTypeGuess", "detect_id_type", "ID_TYPES", "species_of", "kind_of"]
 
@@ -92,12 +92,12 @@ def _as_series(genes: Sequence[str]) -> pd.Series:
         genes = [genes]
     values = np.asarray(genes, dtype=object).ravel()
     values = values[~pd.isna(values)]
-    text = _strings.strip(values.astype(str))  # string ufuncs: C loops, not per-name Python
-    keep = (text != "") & (_strings.lower(text) != "nan")
+    text = np_strings.strip(values.astype(str))  # string ufuncs: C loops, not per-name Python
+    keep = (text != "") & (np_strings.lower(text) != "nan")
     return pd.Series(text[keep].astype(object), dtype=object)
 
 
-def _regex_where(s: pd.Series, pattern: str, candidates: np.ndarray, case: bool = True) -> np.ndarray:
+def regex_where(s: pd.Series, pattern: str, candidates: np.ndarray, case: bool = True) -> np.ndarray:
     """Boolean mask of names matching ``pattern``, tested only where ``candidates`` is True."""
     out = np.zeros(len(s), dtype=bool)
     if candidates.any():
@@ -123,10 +123,10 @@ def detect_id_type(genes: Sequence[str]) -> IdTypeGuess:
         return IdTypeGuess("unknown", "unknown", 0.0, [], False, note="no gene names given")
 
     text = s.to_numpy(dtype=str)
-    ens_like = _strings.startswith(_strings.upper(text), "ENS")
-    hum_ens = _regex_where(s, HUMAN_ENSEMBL_RE, ens_like, case=False)
-    mus_ens = _regex_where(s, MOUSE_ENSEMBL_RE, ens_like, case=False)
-    entrez = _regex_where(s, ENTREZ_RE, _strings.isdigit(text))
+    ens_like = np_strings.startswith(np_strings.upper(text), "ENS")
+    hum_ens = regex_where(s, HUMAN_ENSEMBL_RE, ens_like, case=False)
+    mus_ens = regex_where(s, MOUSE_ENSEMBL_RE, ens_like, case=False)
+    entrez = regex_where(s, ENTREZ_RE, np_strings.isdigit(text))
     rest = ~(hum_ens | mus_ens | entrez)
     # the tables' Index objects keep their hash tables, so lookups do not rebuild them per call
     in_h = rest & (species_index("human").all_names.get_indexer(s) >= 0)
