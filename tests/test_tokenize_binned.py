@@ -252,3 +252,17 @@ def test_meta_is_json_and_round_trips(tmp_path, ifnb_in_vocab, scgpt_vocab):
     path = cells.save(tmp_path / "tokens.npz")
     back = type(cells).load(path)
     assert np.array_equal(back.values, cells.values) and back.meta == cells.meta
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(max_len=250, seed=4), dict(ties="left", normalize_total=None, log1p=False)])
+def test_whole_matrix_path_equals_chunk_path(ifnb_small, scgpt_vocab, kw):
+    """tokenize() on in-memory CSR runs one parallel call; iter_chunks() goes chunk by chunk."""
+    data = ifnb_small[:500].copy()
+    data.X = data.X.astype(np.float64)
+    data.X.data[::97] = 0.0  # stored zeros are not expressed genes
+    tok = BinnedTokenizer(scgpt_vocab, chunk_size=128, **kw)
+    whole = tok.tokenize(data)
+    chunked = type(whole).concat(list(tok.iter_chunks(data)))
+    assert np.array_equal(whole.offsets, chunked.offsets)
+    assert np.array_equal(whole.gene_ids, chunked.gene_ids) and np.array_equal(whole.values, chunked.values)
+    assert data.X.data[0] == 0.0  # the caller's matrix keeps its stored zeros

@@ -154,7 +154,9 @@ class ChunkTokenizer:
         ``data`` is an AnnData (in memory or ``backed="r"``) or a matrix with ``var_names``.
         """
         source = as_source(data, layer=layer, var_names=var_names, use_raw=use_raw)
-        plan = self._plan(source, gene_col)
+        yield from self._run_chunks(source, self._plan(source, gene_col), progress)
+
+    def _run_chunks(self, source: ExpressionSource, plan: GenePlan, progress: bool) -> Iterator[TokenizedCells]:
         chunks: Iterator[tuple[int, int, sp.csr_matrix]] = iter_row_chunks(source, self.chunk_size)
         if progress:
             from tqdm.auto import tqdm
@@ -165,7 +167,7 @@ class ChunkTokenizer:
             for lo, hi, csr in chunks:
                 yield self._tokenize_chunk(source, plan, lo, hi, csr)
             return
-        # threads: numpy sorts and searches release the GIL; keep at most n_jobs+1 chunks in flight
+        # threads: the compiled kernels and numpy's sorts release the GIL; at most n_jobs+1 chunks in flight
         with ThreadPoolExecutor(self.n_jobs) as pool:
             pending: deque = deque()
             for lo, hi, csr in chunks:
@@ -174,6 +176,10 @@ class ChunkTokenizer:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
+
+    def _tokenize_whole(self, source: ExpressionSource, plan: GenePlan) -> TokenizedCells | None:
+        """A one-call path for a whole in-memory matrix, or None to go chunk by chunk."""
+        return None
 
     def tokenize(
         self,
@@ -186,12 +192,12 @@ class ChunkTokenizer:
         progress: bool = False,
     ) -> TokenizedCells:
         """Tokenize every cell; returns one :class:`TokenizedCells` (cells in input order)."""
-        parts = list(
-            self.iter_chunks(
-                data, layer=layer, gene_col=gene_col, use_raw=use_raw, var_names=var_names, progress=progress
-            )
-        )
-        return TokenizedCells.concat(parts)
+        source = as_source(data, layer=layer, var_names=var_names, use_raw=use_raw)
+        plan = self._plan(source, gene_col)
+        whole = self._tokenize_whole(source, plan)
+        if whole is not None:
+            return whole
+        return TokenizedCells.concat(list(self._run_chunks(source, plan, progress)))
 
     def coverage(
         self,

@@ -31,12 +31,12 @@ def _mix32(x: np.uint64) -> np.uint64:
 
 
 @numba.njit(cache=True, inline="always")
-def _count_le(edges: np.ndarray, row: int, x: float) -> int:
+def _count_le(edges: np.ndarray, x: float) -> int:
     """Number of edges <= x in a sorted row (np.digitize(x, edges))."""
-    lo, hi = 0, edges.shape[1]
+    lo, hi = 0, edges.shape[0]
     while lo < hi:
         mid = (lo + hi) >> 1
-        if edges[row, mid] <= x:
+        if edges[mid] <= x:
             lo = mid + 1
         else:
             hi = mid
@@ -44,12 +44,12 @@ def _count_le(edges: np.ndarray, row: int, x: float) -> int:
 
 
 @numba.njit(cache=True, inline="always")
-def _count_lt(edges: np.ndarray, row: int, x: float) -> int:
+def _count_lt(edges: np.ndarray, x: float) -> int:
     """Number of edges < x in a sorted row (np.digitize(x, edges, right=True))."""
-    lo, hi = 0, edges.shape[1]
+    lo, hi = 0, edges.shape[0]
     while lo < hi:
         mid = (lo + hi) >> 1
-        if edges[row, mid] < x:
+        if edges[mid] < x:
             lo = mid + 1
         else:
             hi = mid
@@ -81,7 +81,145 @@ def _edge(a, b, gamma: float) -> float:
     return a + diff * gamma
 
 
+@numba.njit(cache=True, inline="always")
+def _mix_gene(cell_key: np.uint64, token) -> np.uint64:
+    """The (cell, gene) hash bits (as ``_kernels.row_hash_uniform``)."""
+    gene = (np.uint64(token) * np.uint64(0x27D4EB2F)) & np.uint64(0xFFFFFFFF)
+    return _mix32(cell_key ^ gene)
+
+
 @numba.njit(cache=True, nogil=True, error_model="numpy")
+def _bin_row(
+    lo, hi, data, indices, column_tokens, q, target_sum, normalize, log1p, random_ties, cell_key, tag,
+    box, stamp, hist, done, scaled_row, scaled_of, left_of, right_of, edges_row, row_vals, row_tokens,
+    row_digits,
+):
+    """Bins of one cell's expressed, matched genes (CSR entries ``lo..hi-1``).
+
+    Entries with value 0 or ``column_tokens[column] < 0`` are skipped. Writes the kept entries'
+    tokens and bins, in CSR order, to ``row_tokens[:n]`` / ``row_digits[:n]`` and the cell's
+    quantile edges to ``edges_row``; returns ``n``. The scratch tables are indexed by count value
+    and valid where their stamp equals ``tag`` (unique per cell), so they are never cleared.
+    """
+    n_edges = q.size
+    n = 0
+    total = 0.0
+    use_hist = True
+    max_c = 0
+    for i in range(lo, hi):
+        v = data[i]
+        if v == 0:
+            continue
+        token = column_tokens[indices[i]]
+        if token < 0:
+            continue
+        row_vals[n] = v
+        row_tokens[n] = token
+        n += 1
+        total += v
+        if use_hist:  # a histogram of counts while the values are small positive integers
+            if v > 0 and v < _HIST_LIMIT and int(v) == v:
+                c = int(v)
+                if stamp[c] != tag:
+                    stamp[c] = tag
+                    hist[c] = 0
+                hist[c] += 1
+                if c > max_c:
+                    max_c = c
+            else:
+                use_hist = False
+    if n == 0:
+        for j in range(n_edges):
+            edges_row[j] = 0.0
+        return 0
+    if use_hist and max_c > 8 * n + 64:  # few, large counts: sorting is cheaper than the walk
+        use_hist = False
+    factor = row_vals[0]  # unused unless normalize
+    if normalize:
+        factor = _cast(total, box) / _cast(target_sum, box)
+    if not use_hist:
+        xs = np.empty(n, dtype=data.dtype)
+        for j in range(n):
+            xs[j] = _scale(row_vals[j], factor, normalize, log1p)
+        xs.sort()
+    # quantile edges, as np.quantile(..., method="linear"); positions only increase with j
+    walk = 0  # smallest count value whose cumulative frequency exceeds the position
+    below = 0  # entries with a count < walk
+    for j in range(n_edges):
+        virtual = (n - 1) * q[j]
+        if virtual >= n - 1:
+            pa = n - 1
+            pb = n - 1
+            gamma = virtual + 1.0
+        else:
+            prev = np.floor(virtual)
+            pa = int(prev)
+            pb = pa + 1
+            gamma = virtual - prev
+        if use_hist:
+            while below + (hist[walk] if stamp[walk] == tag else 0) <= pa:
+                below += hist[walk] if stamp[walk] == tag else 0
+                walk += 1
+            va = walk
+            vb = walk
+            upto = below + hist[vb]
+            while upto <= pb:
+                vb += 1
+                upto += hist[vb] if stamp[vb] == tag else 0
+            if scaled_row[va] != tag:  # each distinct count is scaled once per cell
+                scaled_row[va] = tag
+                scaled_of[va] = _scale(_cast(va, box), factor, normalize, log1p)
+            if scaled_row[vb] != tag:
+                scaled_row[vb] = tag
+                scaled_of[vb] = _scale(_cast(vb, box), factor, normalize, log1p)
+            a = scaled_of[va]
+            b = scaled_of[vb]
+        else:
+            a = xs[pa]
+            b = xs[pb]
+        edges_row[j] = _edge(a, b, gamma)
+    for j in range(n):
+        if use_hist:  # digitize each distinct count once per cell
+            c = int(row_vals[j])
+            if done[c] != tag:
+                done[c] = tag
+                if scaled_row[c] != tag:
+                    scaled_row[c] = tag
+                    scaled_of[c] = _scale(row_vals[j], factor, normalize, log1p)
+                x = scaled_of[c]
+                left_of[c] = _count_le(edges_row, x)
+                right_of[c] = _count_lt(edges_row, x)
+            left = left_of[c]
+            right = right_of[c]
+        else:
+            x = _scale(row_vals[j], factor, normalize, log1p)
+            left = _count_le(edges_row, x)
+            right = _count_lt(edges_row, x)
+        if random_ties and left != right:
+            r = np.float64(np.int64(_mix_gene(cell_key, row_tokens[j]))) * (1.0 / 4294967296.0)
+            left = left - int(r * (left - right))  # r * d >= 0, so int() is floor
+        row_digits[j] = left
+    return n
+
+
+@numba.njit(cache=True, nogil=True)
+def _scratch(dtype_like: np.ndarray, max_row: int):
+    return (
+        np.empty(1, dtype=dtype_like.dtype),
+        np.full(_HIST_LIMIT, -1, dtype=np.int64),
+        np.zeros(_HIST_LIMIT, dtype=np.int64),
+        np.full(_HIST_LIMIT, -1, dtype=np.int64),
+        np.full(_HIST_LIMIT, -1, dtype=np.int64),
+        np.zeros(_HIST_LIMIT, dtype=dtype_like.dtype),
+        np.zeros(_HIST_LIMIT, dtype=np.int64),
+        np.zeros(_HIST_LIMIT, dtype=np.int64),
+        np.empty(max(max_row, 1), dtype=dtype_like.dtype),
+        np.empty(max(max_row, 1), dtype=np.int64),
+        np.empty(max(max_row, 1), dtype=np.int64),
+    )
+
+
+@numba.njit(cache=True, nogil=True)
 def bin_chunk(
     indptr: np.ndarray,
     data: np.ndarray,
@@ -99,126 +237,96 @@ def bin_chunk(
     out_genes: np.ndarray,
     shift: int,
 ) -> None:
-    """scGPT value bins for every entry of a CSR chunk.
+    """scGPT value bins for every entry of a CSR chunk whose entries are all expressed and matched.
 
-    Entry ``i`` of row ``r`` (gene token ``column_tokens[indices[i]]``) gets its bin in
-    ``out[i + shift * (r + 1)]`` and, when ``out_genes`` is not empty, its token there too
-    (``shift=1`` leaves room for a ``<cls>`` before every cell; ``shift=0`` writes entry-aligned).
-    ``edges`` [rows, len(q)] receives each cell's quantile edges. With ``random_ties`` a value on
-    tied edges gets ``left - floor(r * (left - right))`` with ``r`` the (seed, cell, gene) hash,
-    otherwise ``left`` (the ``np.digitize`` result).
+    Entry ``i`` of row ``r`` gets its bin in ``out[i + shift * (r + 1)]`` and, when ``out_genes``
+    is not empty, its token ``column_tokens[indices[i]]`` there too (``shift=1`` leaves room for a
+    ``<cls>`` before every cell). ``edges`` [rows, len(q)] receives each cell's quantile edges.
+    With ``random_ties`` a value on tied edges gets ``left - floor(r * (left - right))``, ``r`` the
+    (seed, cell, gene) hash; otherwise ``left`` (the ``np.digitize`` result).
     """
-    write_genes = out_genes.size > 0
     n_rows = indptr.size - 1
-    n_edges = q.size
-    box = np.empty(1, dtype=data.dtype)  # for conversions to the data dtype without allocating
-    # scratch tables indexed by count value, valid for a row where stamp == row (no clearing)
-    stamp = np.full(_HIST_LIMIT, -1, dtype=np.int64)
-    hist = np.zeros(_HIST_LIMIT, dtype=np.int64)
-    done = np.full(_HIST_LIMIT, -1, dtype=np.int64)
-    scaled_row = np.full(_HIST_LIMIT, -1, dtype=np.int64)
-    scaled_of = np.zeros(_HIST_LIMIT, dtype=data.dtype)
-    left_of = np.zeros(_HIST_LIMIT, dtype=np.int64)
-    right_of = np.zeros(_HIST_LIMIT, dtype=np.int64)
+    max_row = 0
     for row in range(n_rows):
-        lo = indptr[row]
-        hi = indptr[row + 1]
-        n = hi - lo
-        if n == 0:
-            for j in range(n_edges):
-                edges[row, j] = 0.0
-            continue
-        # one pass: total, and a histogram of counts while the values are small integers
-        total = 0.0
-        use_hist = True
-        max_c = 0
-        for i in range(lo, hi):
-            v = data[i]
-            total += v
-            if use_hist:
-                if v < _HIST_LIMIT and int(v) == v:
-                    c = int(v)
-                    if stamp[c] != row:
-                        stamp[c] = row
-                        hist[c] = 0
-                    hist[c] += 1
-                    if c > max_c:
-                        max_c = c
-                else:
-                    use_hist = False
-        if use_hist and max_c > 8 * n + 64:  # few, large counts: sorting is cheaper than the walk
-            use_hist = False
-        factor = data[lo]  # unused unless normalize
-        if normalize:
-            factor = _cast(total, box) / _cast(target_sum, box)
-        if not use_hist:
-            xs = np.empty(n, dtype=data.dtype)
-            for i in range(n):
-                xs[i] = _scale(data[lo + i], factor, normalize, log1p)
-            xs.sort()
-        # quantile edges, as np.quantile(..., method="linear"); positions only increase with j
-        walk = 0  # smallest count value whose cumulative frequency exceeds the position
-        below = 0  # entries with a count < walk
-        for j in range(n_edges):
-            virtual = (n - 1) * q[j]
-            if virtual >= n - 1:
-                pa = n - 1
-                pb = n - 1
-                gamma = virtual + 1.0
-            else:
-                prev = np.floor(virtual)
-                pa = int(prev)
-                pb = pa + 1
-                gamma = virtual - prev
-            if use_hist:
-                while below + (hist[walk] if stamp[walk] == row else 0) <= pa:
-                    below += hist[walk] if stamp[walk] == row else 0
-                    walk += 1
-                va = walk
-                vb = walk
-                upto = below + hist[vb]
-                while upto <= pb:
-                    vb += 1
-                    upto += hist[vb] if stamp[vb] == row else 0
-                if scaled_row[va] != row:  # each distinct count is scaled once per row
-                    scaled_row[va] = row
-                    scaled_of[va] = _scale(_cast(va, box), factor, normalize, log1p)
-                if scaled_row[vb] != row:
-                    scaled_row[vb] = row
-                    scaled_of[vb] = _scale(_cast(vb, box), factor, normalize, log1p)
-                a = scaled_of[va]
-                b = scaled_of[vb]
-            else:
-                a = xs[pa]
-                b = xs[pb]
-            edges[row, j] = _edge(a, b, gamma)
+        max_row = max(max_row, indptr[row + 1] - indptr[row])
+    box, stamp, hist, done, scaled_row, scaled_of, left_of, right_of, row_vals, row_tokens, row_digits = _scratch(
+        data, max_row
+    )
+    write_genes = out_genes.size > 0
+    for row in range(n_rows):
         cell_key = _mix32(np.uint64(first_cell + row) ^ salt)
-        offset = shift * (row + 1)
-        for i in range(lo, hi):
-            token = column_tokens[indices[i]]
-            if use_hist:  # digitize each distinct count once per row
-                c = int(data[i])
-                if done[c] != row:
-                    done[c] = row
-                    if scaled_row[c] != row:
-                        scaled_row[c] = row
-                        scaled_of[c] = _scale(data[i], factor, normalize, log1p)
-                    x = scaled_of[c]
-                    left_of[c] = _count_le(edges, row, x)
-                    right_of[c] = _count_lt(edges, row, x)
-                left = left_of[c]
-                right = right_of[c]
-            else:
-                x = _scale(data[i], factor, normalize, log1p)
-                left = _count_le(edges, row, x)
-                right = _count_lt(edges, row, x)
-            if random_ties and left != right:
-                gene = (np.uint64(token) * np.uint64(0x27D4EB2F)) & np.uint64(0xFFFFFFFF)
-                r = np.float64(np.int64(_mix32(cell_key ^ gene))) * (1.0 / 4294967296.0)
-                left = left - int(r * (left - right))  # r * d >= 0, so int() is floor
-            out[i + offset] = left
+        n = _bin_row(
+            indptr[row], indptr[row + 1], data, indices, column_tokens, q, target_sum, normalize, log1p,
+            random_ties, cell_key, row, box, stamp, hist, done, scaled_row, scaled_of, left_of, right_of,
+            edges[row], row_vals, row_tokens, row_digits,
+        )
+        base = indptr[row] + shift * (row + 1)
+        for j in range(n):
+            out[base + j] = row_digits[j]
             if write_genes:
-                out_genes[i + offset] = token
+                out_genes[base + j] = row_tokens[j]
+
+
+@numba.njit(cache=True, parallel=True)
+def count_expressed(indptr, data, indices, column_tokens, counts, bad):
+    """Per cell: expressed entries of matched genes (``counts``), and whether any value is
+    negative or not finite (``bad``)."""
+    for row in numba.prange(indptr.size - 1):
+        c = 0
+        flag = 0
+        for i in range(indptr[row], indptr[row + 1]):
+            v = data[i]
+            if not (v >= 0 and v < np.inf):
+                flag = 1
+            elif v != 0 and column_tokens[indices[i]] >= 0:
+                c += 1
+        counts[row] = c
+        bad[row] = flag
+
+
+@numba.njit(cache=True, parallel=True)
+def bin_matrix(
+    indptr, data, indices, column_tokens, q, target_sum, normalize, log1p, random_ties, tie_salt,
+    subsample_salt, limit, offsets, append_cls, out_values, out_genes, edges, n_blocks, max_row,
+):
+    """The whole in-memory matrix in one call: cells split in ``n_blocks`` parallel blocks, bins
+    and tokens written straight into the final ragged arrays at ``offsets`` (after the ``<cls>``
+    slot the caller fills when ``append_cls``). Cells with more than ``limit`` genes keep the ``limit`` genes with the smallest
+    (seed, cell, gene) subsample hash, listed in data order (as ``take_first_k_per_row``)."""
+    n_rows = indptr.size - 1
+    extra = 1 if append_cls else 0
+    for block in numba.prange(n_blocks):
+        r0 = block * n_rows // n_blocks
+        r1 = (block + 1) * n_rows // n_blocks
+        box, stamp, hist, done, scaled_row, scaled_of, left_of, right_of, row_vals, row_tokens, row_digits = (
+            _scratch(data, max_row)
+        )
+        keys = np.empty(max(max_row, 1), dtype=np.int64)
+        for row in range(r0, r1):
+            cell_key = _mix32(np.uint64(row) ^ tie_salt)
+            n = _bin_row(
+                indptr[row], indptr[row + 1], data, indices, column_tokens, q, target_sum, normalize, log1p,
+                random_ties, cell_key, row, box, stamp, hist, done, scaled_row, scaled_of, left_of, right_of,
+                edges[row], row_vals, row_tokens, row_digits,
+            )
+            pos = offsets[row] + extra
+            if n <= limit:
+                for j in range(n):
+                    out_values[pos + j] = row_digits[j]
+                    out_genes[pos + j] = row_tokens[j]
+                continue
+            sub_key = _mix32(np.uint64(row) ^ subsample_salt)
+            for j in range(n):
+                keys[j] = np.int64(_mix_gene(sub_key, row_tokens[j]))
+            order = np.argsort(keys[:n], kind="mergesort")
+            threshold_rank = np.empty(n, dtype=np.int64)
+            for rank in range(n):
+                threshold_rank[order[rank]] = rank
+            for j in range(n):
+                if threshold_rank[j] < limit:
+                    out_values[pos] = row_digits[j]
+                    out_genes[pos] = row_tokens[j]
+                    pos += 1
 
 
 @numba.njit(cache=True, nogil=True)

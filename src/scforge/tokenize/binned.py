@@ -164,6 +164,52 @@ class BinnedTokenizer(ChunkTokenizer):
         return plan
 
     # ---- the hot path ---------------------------------------------------------------------
+    def _tokenize_whole(self, source: ExpressionSource, plan: GenePlan) -> TokenizedCells | None:
+        """In-memory CSR: one parallel compiled call over all cells, straight into the output."""
+        matrix = source.matrix
+        if not (
+            USE_COMPILED and self.n_bins is not None and not self.include_zero_gene and not plan.needs_sort
+            and sp.issparse(matrix) and matrix.format == "csr" and matrix.dtype in (np.float32, np.float64)
+            and matrix.has_canonical_format
+        ):
+            return None
+        import numba
+
+        from scforge.tokenize import _compiled
+
+        column_tokens = np.where(plan.colmap >= 0, plan.out_tokens[np.maximum(plan.colmap, 0)], -1)
+        n_rows = matrix.shape[0]
+        counts = np.empty(n_rows, dtype=np.int64)
+        bad = np.empty(n_rows, dtype=np.int8)
+        threads = max(1, min(self.n_jobs, numba.config.NUMBA_NUM_THREADS))
+        previous = numba.get_num_threads()
+        numba.set_num_threads(threads)
+        try:
+            _compiled.count_expressed(matrix.indptr, matrix.data, matrix.indices, column_tokens, counts, bad)
+            if bad.any():  # raise the precise error for the first offending cell
+                first = int(np.flatnonzero(bad)[0])
+                check_values(sp.csr_matrix(matrix[first : first + 1]), source.where, (first, first + 1))
+            self._warn_empty_cells(counts, 0, "only <cls>" if self.append_cls else "no tokens")
+            limit = None if self.max_len is None else self.max_len - (1 if self.append_cls else 0)
+            lengths = counts if limit is None else np.minimum(counts, limit)
+            offsets, gene_out, value_out = self._output_arrays(lengths)
+            n_edges = self.n_bins - 1
+            edges = np.empty((n_rows, n_edges), dtype=np.float64)
+            _compiled.bin_matrix(
+                matrix.indptr, matrix.data, matrix.indices, column_tokens, np.linspace(0, 1, n_edges),
+                float(self.normalize_total or 0.0), self.normalize_total is not None, self.log1p,
+                self.ties == "random", np.uint64(K.hash_salt(self.seed, _TIE_STREAM)),
+                np.uint64(K.hash_salt(self.seed, _SUBSAMPLE_STREAM)),
+                np.iinfo(np.int64).max if limit is None else int(limit), offsets, self.append_cls,
+                value_out, gene_out, edges, min(n_rows, threads * 16), int(counts.max(initial=0)),
+            )
+        finally:
+            numba.set_num_threads(previous)
+        return TokenizedCells(
+            offsets=offsets, gene_ids=gene_out, values=value_out,
+            obs_names=source.obs_names_range(0, n_rows), meta=self.settings(),
+        )
+
     def _tokenize_chunk(
         self, source: ExpressionSource, plan: GenePlan, lo: int, hi: int, csr: sp.csr_matrix
     ) -> TokenizedCells:
