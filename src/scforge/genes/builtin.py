@@ -32,7 +32,7 @@ def _table(name: str) -> Path:
 def _scgpt_human() -> GeneVocab:
     with gzip.open(_table("scgpt_human_vocab.txt.gz"), "rt") as f:
         genes = f.read().split("\n")[:-1]
-    return GeneVocab(tokens=genes + list(_SCGPT_SPECIALS.values()), specials=dict(_SCGPT_SPECIALS))
+    return GeneVocab(tokens=genes + list(_SCGPT_SPECIALS.values()), specials=dict(_SCGPT_SPECIALS), name="scgpt-human")
 
 
 @functools.cache
@@ -40,7 +40,7 @@ def _geneformer(version: str) -> GeneformerDictionaries:
     table = pd.read_csv(_table(f"geneformer_{version.lower()}.tsv.gz"), sep="\t", keep_default_na=False)
     tokens = table["token"].astype(str).tolist()
     specials = {_GENEFORMER_ROLES[t]: t for t in tokens if t in _GENEFORMER_ROLES}
-    vocab = GeneVocab(tokens=tokens, specials=specials)
+    vocab = GeneVocab(tokens=tokens, specials=specials, name=f"geneformer-{version.lower()}")
     has = table["median"].astype(str) != ""
     medians = dict(zip(table.loc[has, "token"].astype(str), table.loc[has, "median"].astype(np.float64)))
     return GeneformerDictionaries(vocab=vocab, medians=medians, name_to_id=None, ensembl_mapping=None, version=version)

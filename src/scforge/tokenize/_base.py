@@ -215,7 +215,7 @@ class ChunkTokenizer:
             ensembl_mapping=self._ensembl_mapping(),
         )
         totals = column_sums(source, self.chunk_size)
-        report = coverage_report(alignment, totals, vocab_name=self.name)
+        report = coverage_report(alignment, totals, vocab_name=self.vocab.name or self.name)
         return report
 
     # ---- helpers for subclasses ------------------------------------------------------------
