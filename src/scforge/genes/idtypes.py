@@ -22,6 +22,7 @@ guess is ``"unknown"``. Integers that are exactly ``0..n-1`` or ``1..n`` are rep
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 np_strings = getattr(np, "strings", np.char)  # NumPy >= 2 has fast string ufuncs
+_ENS_ANY_CASE = ["".join(p) for p in itertools.product(*zip("ENS", "ens"))]
 
 __all__ = ["IdTypeGuess", "detect_id_type", "ID_TYPES", "species_of", "kind_of"]
 
@@ -93,8 +95,13 @@ def _as_series(genes: Sequence[str]) -> pd.Series:
     values = np.asarray(genes, dtype=object).ravel()
     values = values[~pd.isna(values)]
     text = np_strings.strip(values.astype(str))  # string ufuncs: C loops, not per-name Python
-    keep = (text != "") & (np_strings.lower(text) != "nan")
+    keep = (text != "") & ~np.isin(text, ("nan", "NaN", "NAN", "Nan"))
     return pd.Series(text[keep].astype(object), dtype=object)
+
+
+def ensembl_like(text: np.ndarray) -> np.ndarray:
+    """Names starting with "ENS" in any case (the candidates for the Ensembl regexes)."""
+    return np.isin(text.astype("<U3"), _ENS_ANY_CASE)
 
 
 def regex_where(s: pd.Series, pattern: str, candidates: np.ndarray, case: bool = True) -> np.ndarray:
@@ -123,7 +130,7 @@ def detect_id_type(genes: Sequence[str]) -> IdTypeGuess:
         return IdTypeGuess("unknown", "unknown", 0.0, [], False, note="no gene names given")
 
     text = s.to_numpy(dtype=str)
-    ens_like = np_strings.startswith(np_strings.upper(text), "ENS")
+    ens_like = ensembl_like(text)
     hum_ens = regex_where(s, HUMAN_ENSEMBL_RE, ens_like, case=False)
     mus_ens = regex_where(s, MOUSE_ENSEMBL_RE, ens_like, case=False)
     entrez = regex_where(s, ENTREZ_RE, np_strings.isdigit(text))

@@ -42,8 +42,8 @@ from scforge.genes._tables import SpeciesIndex, ortholog_index, species_index
 from scforge.genes.idtypes import (
     HUMAN_ENSEMBL_RE,
     MOUSE_ENSEMBL_RE,
+    ensembl_like,
     regex_where,
-    np_strings,
     IdTypeGuess,
     detect_id_type,
     kind_of,
@@ -390,7 +390,7 @@ def align_genes(
     sym_species = species if species != "auto" else (detected.species if detected.species != "unknown" else "human")
 
     s = _series(names)
-    ens_like = np_strings.startswith(np_strings.upper(names.astype(str)), "ENS")  # regex only these
+    ens_like = ensembl_like(names.astype(str))  # the Ensembl regexes run on these only
     is_hens = regex_where(s, HUMAN_ENSEMBL_RE, ens_like, case=False)
     is_mens = regex_where(s, MOUSE_ENSEMBL_RE, ens_like, case=False)
     gene_species = np.where(is_hens, "human", np.where(is_mens, "mouse", sym_species)).astype(object)

@@ -98,7 +98,7 @@ def _bin_row(
 
     Entries with value 0 or ``column_tokens[column] < 0`` are skipped. Writes the kept entries'
     tokens and bins, in CSR order, to ``row_tokens[:n]`` / ``row_digits[:n]`` and the cell's
-    quantile edges to ``edges_row``; returns ``n``. The scratch tables are indexed by count value
+    quantile edges to ``edges_row``; returns ``n``, or -1 when a value is negative or not finite. The scratch tables are indexed by count value
     and valid where their stamp equals ``tag`` (unique per cell), so they are never cleared.
     """
     n_edges = q.size
@@ -108,6 +108,8 @@ def _bin_row(
     max_c = 0
     for i in range(lo, hi):
         v = data[i]
+        if not (v >= 0 and v < np.inf):
+            return -1  # negative, NaN or infinite: the caller reports it
         if v == 0:
             continue
         token = column_tokens[indices[i]]
@@ -118,7 +120,7 @@ def _bin_row(
         n += 1
         total += v
         if use_hist:  # a histogram of counts while the values are small positive integers
-            if v > 0 and v < _HIST_LIMIT and int(v) == v:
+            if v > 0 and v < stamp.size and int(v) == v:
                 c = int(v)
                 if stamp[c] != tag:
                     stamp[c] = tag
@@ -203,16 +205,26 @@ def _bin_row(
 
 
 @numba.njit(cache=True, nogil=True)
-def _scratch(dtype_like: np.ndarray, max_row: int):
+def _table_size(data: np.ndarray) -> int:
+    """Size of the per-count scratch tables: the largest integer count + 1, at most _HIST_LIMIT."""
+    top = 0.0
+    for v in data:
+        if v > top:
+            top = v
+    return int(min(top, _HIST_LIMIT - 1)) + 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _scratch(dtype_like: np.ndarray, max_row: int, size: int):
     return (
         np.empty(1, dtype=dtype_like.dtype),
-        np.full(_HIST_LIMIT, -1, dtype=np.int64),
-        np.zeros(_HIST_LIMIT, dtype=np.int64),
-        np.full(_HIST_LIMIT, -1, dtype=np.int64),
-        np.full(_HIST_LIMIT, -1, dtype=np.int64),
-        np.zeros(_HIST_LIMIT, dtype=dtype_like.dtype),
-        np.zeros(_HIST_LIMIT, dtype=np.int64),
-        np.zeros(_HIST_LIMIT, dtype=np.int64),
+        np.full(size, -1, dtype=np.int64),
+        np.zeros(size, dtype=np.int64),
+        np.full(size, -1, dtype=np.int64),
+        np.full(size, -1, dtype=np.int64),
+        np.zeros(size, dtype=dtype_like.dtype),
+        np.zeros(size, dtype=np.int64),
+        np.zeros(size, dtype=np.int64),
         np.empty(max(max_row, 1), dtype=dtype_like.dtype),
         np.empty(max(max_row, 1), dtype=np.int64),
         np.empty(max(max_row, 1), dtype=np.int64),
@@ -250,7 +262,7 @@ def bin_chunk(
     for row in range(n_rows):
         max_row = max(max_row, indptr[row + 1] - indptr[row])
     box, stamp, hist, done, scaled_row, scaled_of, left_of, right_of, row_vals, row_tokens, row_digits = _scratch(
-        data, max_row
+        data, max_row, _table_size(data)
     )
     write_genes = out_genes.size > 0
     for row in range(n_rows):
@@ -261,45 +273,31 @@ def bin_chunk(
             edges[row], row_vals, row_tokens, row_digits,
         )
         base = indptr[row] + shift * (row + 1)
-        for j in range(n):
+        for j in range(max(n, 0)):  # the caller validated the values (n < 0 cannot happen)
             out[base + j] = row_digits[j]
             if write_genes:
                 out_genes[base + j] = row_tokens[j]
 
 
 @numba.njit(cache=True, parallel=True)
-def count_expressed(indptr, data, indices, column_tokens, counts, bad):
-    """Per cell: expressed entries of matched genes (``counts``), and whether any value is
-    negative or not finite (``bad``)."""
-    for row in numba.prange(indptr.size - 1):
-        c = 0
-        flag = 0
-        for i in range(indptr[row], indptr[row + 1]):
-            v = data[i]
-            if not (v >= 0 and v < np.inf):
-                flag = 1
-            elif v != 0 and column_tokens[indices[i]] >= 0:
-                c += 1
-        counts[row] = c
-        bad[row] = flag
-
-
-@numba.njit(cache=True, parallel=True)
 def bin_matrix(
     indptr, data, indices, column_tokens, q, target_sum, normalize, log1p, random_ties, tie_salt,
-    subsample_salt, limit, offsets, append_cls, out_values, out_genes, edges, n_blocks, max_row,
+    subsample_salt, limit, offsets, append_cls, out_values, out_genes, edges, n_blocks, max_row, written, bad,
 ):
     """The whole in-memory matrix in one call: cells split in ``n_blocks`` parallel blocks, bins
-    and tokens written straight into the final ragged arrays at ``offsets`` (after the ``<cls>``
-    slot the caller fills when ``append_cls``). Cells with more than ``limit`` genes keep the ``limit`` genes with the smallest
+    and tokens written straight into the ragged arrays at ``offsets`` (after the ``<cls>`` slot the
+    caller fills when ``append_cls``). ``written[r]`` receives the number of genes written for cell
+    ``r`` (fewer than reserved when genes are unmatched or stored zeros) and ``bad[r]`` 1 when the
+    cell has a negative or non-finite value (its output is then meaningless). Cells with more than ``limit`` genes keep the ``limit`` genes with the smallest
     (seed, cell, gene) subsample hash, listed in data order (as ``take_first_k_per_row``)."""
     n_rows = indptr.size - 1
     extra = 1 if append_cls else 0
+    size = _table_size(data)
     for block in numba.prange(n_blocks):
         r0 = block * n_rows // n_blocks
         r1 = (block + 1) * n_rows // n_blocks
         box, stamp, hist, done, scaled_row, scaled_of, left_of, right_of, row_vals, row_tokens, row_digits = (
-            _scratch(data, max_row)
+            _scratch(data, max_row, size)
         )
         keys = np.empty(max(max_row, 1), dtype=np.int64)
         for row in range(r0, r1):
@@ -309,7 +307,12 @@ def bin_matrix(
                 random_ties, cell_key, row, box, stamp, hist, done, scaled_row, scaled_of, left_of, right_of,
                 edges[row], row_vals, row_tokens, row_digits,
             )
+            if n < 0:
+                bad[row] = 1
+                written[row] = 0
+                continue
             pos = offsets[row] + extra
+            written[row] = min(n, limit)
             if n <= limit:
                 for j in range(n):
                     out_values[pos + j] = row_digits[j]

@@ -22,7 +22,7 @@ from scforge.genes import GeneVocab
 from scforge.matrix import ExpressionSource, check_values, looks_like_counts
 from scforge.tokenize import _kernels as K
 from scforge.tokenize._base import ChunkTokenizer, GenePlan, plan_genes
-from scforge.tokenize.ragged import TokenizedCells
+from scforge.tokenize.ragged import TokenizedCells, gather_ranges
 
 logger = logging.getLogger("scforge")
 
@@ -179,32 +179,42 @@ class BinnedTokenizer(ChunkTokenizer):
 
         column_tokens = np.where(plan.colmap >= 0, plan.out_tokens[np.maximum(plan.colmap, 0)], -1)
         n_rows = matrix.shape[0]
-        counts = np.empty(n_rows, dtype=np.int64)
-        bad = np.empty(n_rows, dtype=np.int8)
+        extra = 1 if self.append_cls else 0
+        limit = None if self.max_len is None else self.max_len - extra
+        # reserve room for every stored entry (capped at max_len); unmatched genes and stored zeros
+        # leave gaps that one compaction pass removes
+        reserved = np.diff(matrix.indptr).astype(np.int64)
+        if limit is not None:
+            np.minimum(reserved, limit, out=reserved)
+        offsets, gene_out, value_out = self._output_arrays(reserved)
+        written = np.zeros(n_rows, dtype=np.int64)
+        bad = np.zeros(n_rows, dtype=np.int8)
+        n_edges = self.n_bins - 1
+        edges = np.empty((n_rows, n_edges), dtype=np.float64)
         threads = max(1, min(self.n_jobs, numba.config.NUMBA_NUM_THREADS))
         previous = numba.get_num_threads()
         numba.set_num_threads(threads)
         try:
-            _compiled.count_expressed(matrix.indptr, matrix.data, matrix.indices, column_tokens, counts, bad)
-            if bad.any():  # raise the precise error for the first offending cell
-                first = int(np.flatnonzero(bad)[0])
-                check_values(sp.csr_matrix(matrix[first : first + 1]), source.where, (first, first + 1))
-            self._warn_empty_cells(counts, 0, "only <cls>" if self.append_cls else "no tokens")
-            limit = None if self.max_len is None else self.max_len - (1 if self.append_cls else 0)
-            lengths = counts if limit is None else np.minimum(counts, limit)
-            offsets, gene_out, value_out = self._output_arrays(lengths)
-            n_edges = self.n_bins - 1
-            edges = np.empty((n_rows, n_edges), dtype=np.float64)
             _compiled.bin_matrix(
                 matrix.indptr, matrix.data, matrix.indices, column_tokens, np.linspace(0, 1, n_edges),
                 float(self.normalize_total or 0.0), self.normalize_total is not None, self.log1p,
                 self.ties == "random", np.uint64(K.hash_salt(self.seed, _TIE_STREAM)),
                 np.uint64(K.hash_salt(self.seed, _SUBSAMPLE_STREAM)),
                 np.iinfo(np.int64).max if limit is None else int(limit), offsets, self.append_cls,
-                value_out, gene_out, edges, min(n_rows, threads * 16), int(counts.max(initial=0)),
+                value_out, gene_out, edges, min(n_rows, threads * 4), int(np.diff(matrix.indptr).max(initial=0)),
+                written, bad,
             )
         finally:
             numba.set_num_threads(previous)
+        if bad.any():  # raise the precise error for the first offending cell
+            first = int(np.flatnonzero(bad)[0])
+            check_values(sp.csr_matrix(matrix[first : first + 1]), source.where, (first, first + 1))
+        self._warn_empty_cells(written, 0, "only <cls>" if self.append_cls else "no tokens")
+        if not np.array_equal(written, reserved):
+            keep = gather_ranges(offsets, np.arange(n_rows), written + extra)
+            offsets = np.zeros(n_rows + 1, dtype=np.int64)
+            np.cumsum(written + extra, out=offsets[1:])
+            gene_out, value_out = gene_out[keep], value_out[keep]
         return TokenizedCells(
             offsets=offsets, gene_ids=gene_out, values=value_out,
             obs_names=source.obs_names_range(0, n_rows), meta=self.settings(),

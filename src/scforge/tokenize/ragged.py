@@ -75,7 +75,7 @@ class TokenizedCells:
         if idx.size and (idx.min() < -self.n_cells or idx.max() >= self.n_cells):
             raise IndexError(f"cell indices out of range for {self.n_cells} cells")
         idx %= max(self.n_cells, 1)
-        flat = _gather_ranges(self.offsets, idx)
+        flat = gather_ranges(self.offsets, idx)
         lengths = self.lengths[idx]
         offsets = np.zeros(idx.size + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
@@ -133,7 +133,7 @@ class TokenizedCells:
             width = min(width, int(max_len))
             lengths = np.minimum(lengths, width)
         padding_mask = np.arange(width)[None, :] >= lengths[:, None]
-        flat = _gather_ranges(self.offsets, idx, lengths)  # token positions, row-major
+        flat = gather_ranges(self.offsets, idx, lengths)  # token positions, row-major
         dest = np.arange(flat.size, dtype=np.int64) + np.repeat(
             np.arange(idx.size, dtype=np.int64) * width - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths
         )
@@ -225,7 +225,7 @@ class TokenizedCells:
         return out
 
 
-def _gather_ranges(offsets: np.ndarray, idx: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
+def gather_ranges(offsets: np.ndarray, idx: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
     """Flat positions of the first ``lengths`` tokens (default: all) of cells ``idx``, vectorized."""
     starts = offsets[idx]
     if lengths is None:
