@@ -302,16 +302,27 @@ def bin_matrix(
         keys = np.empty(max(max_row, 1), dtype=np.int64)
         for row in range(r0, r1):
             cell_key = _mix32(np.uint64(row) ^ tie_salt)
+            lo = indptr[row]
+            hi = indptr[row + 1]
+            pos = offsets[row] + extra
+            if hi - lo <= limit:  # no subsampling possible: write straight into the output
+                n = _bin_row(
+                    lo, hi, data, indices, column_tokens, q, target_sum, normalize, log1p, random_ties,
+                    cell_key, row, box, stamp, hist, done, scaled_row, scaled_of, left_of, right_of, edges[row],
+                    row_vals, out_genes[pos : pos + (hi - lo)], out_values[pos : pos + (hi - lo)],
+                )
+                bad[row] = 1 if n < 0 else 0
+                written[row] = max(n, 0)
+                continue
             n = _bin_row(
-                indptr[row], indptr[row + 1], data, indices, column_tokens, q, target_sum, normalize, log1p,
-                random_ties, cell_key, row, box, stamp, hist, done, scaled_row, scaled_of, left_of, right_of,
-                edges[row], row_vals, row_tokens, row_digits,
+                lo, hi, data, indices, column_tokens, q, target_sum, normalize, log1p, random_ties, cell_key,
+                row, box, stamp, hist, done, scaled_row, scaled_of, left_of, right_of, edges[row], row_vals,
+                row_tokens, row_digits,
             )
             if n < 0:
                 bad[row] = 1
                 written[row] = 0
                 continue
-            pos = offsets[row] + extra
             written[row] = min(n, limit)
             if n <= limit:
                 for j in range(n):
