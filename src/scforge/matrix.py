@@ -204,7 +204,7 @@ def _h5ad_source(path: Path, *, layer: str | None, use_raw: bool) -> ExpressionS
 
 
 def _to_csr(block: Any) -> sp.csr_matrix:
-    """Convert one row block to canonical CSR with a float32/float64 dtype (always a new object)."""
+    """Convert one row block (already a new object: a slice) to canonical float32/float64 CSR."""
     if sp.issparse(block):
         # a row slice is already a new object (scipy and anndata's backed datasets copy)
         csr = block if block.format == "csr" else sp.csr_matrix(block)

@@ -180,7 +180,7 @@ class BinnedTokenizer(ChunkTokenizer):
         column_tokens = np.where(plan.colmap >= 0, plan.out_tokens[np.maximum(plan.colmap, 0)], -1)
         n_rows = matrix.shape[0]
         extra = 1 if self.append_cls else 0
-        limit = None if self.max_len is None else self.max_len - extra
+        limit = self._gene_limit()
         # reserve room for every stored entry (capped at max_len); unmatched genes and stored zeros
         # leave gaps that one compaction pass removes
         reserved = np.diff(matrix.indptr).astype(np.int64)
@@ -189,16 +189,13 @@ class BinnedTokenizer(ChunkTokenizer):
         offsets, gene_out, value_out = self._output_arrays(reserved)
         written = np.zeros(n_rows, dtype=np.int64)
         bad = np.zeros(n_rows, dtype=np.int8)
-        n_edges = self.n_bins - 1
-        edges = np.empty((n_rows, n_edges), dtype=np.float64)
+        edges = np.empty((n_rows, self.n_bins - 1), dtype=np.float64)
         threads = max(1, min(self.n_jobs, numba.config.NUMBA_NUM_THREADS))
         previous = numba.get_num_threads()
         numba.set_num_threads(threads)
         try:
             _compiled.bin_matrix(
-                matrix.indptr, matrix.data, matrix.indices, column_tokens, np.linspace(0, 1, n_edges),
-                float(self.normalize_total or 0.0), self.normalize_total is not None, self.log1p,
-                self.ties == "random", np.uint64(K.hash_salt(self.seed, _TIE_STREAM)),
+                matrix.indptr, matrix.data, matrix.indices, column_tokens, *self._kernel_settings(),
                 np.uint64(K.hash_salt(self.seed, _SUBSAMPLE_STREAM)),
                 np.iinfo(np.int64).max if limit is None else int(limit), offsets, self.append_cls,
                 value_out, gene_out, edges, min(n_rows, threads * 4), int(np.diff(matrix.indptr).max(initial=0)),
@@ -227,7 +224,7 @@ class BinnedTokenizer(ChunkTokenizer):
         indptr = m.indptr.astype(np.int64)
         lengths = np.diff(indptr)
         self._warn_empty_cells(lengths, lo, "only <cls>" if self.append_cls else "no tokens")
-        limit = None if self.max_len is None else self.max_len - (1 if self.append_cls else 0)
+        limit = self._gene_limit()
         needs_subsample = limit is not None and lengths.max(initial=0) > limit
         if USE_COMPILED and self.n_bins is not None and not self.include_zero_gene and not needs_subsample:
             return self._tokenize_direct(source, plan, lo, hi, m, lengths)
@@ -275,15 +272,23 @@ class BinnedTokenizer(ChunkTokenizer):
         """Run the compiled binning kernel on an aligned chunk; returns the cells' bin edges."""
         from scforge.tokenize import _compiled
 
-        n_edges = self.n_bins - 1
-        edges = np.empty((m.shape[0], n_edges), dtype=np.float64)
+        edges = np.empty((m.shape[0], self.n_bins - 1), dtype=np.float64)
         _compiled.bin_chunk(
-            m.indptr, m.data, m.indices, column_tokens, np.linspace(0, 1, n_edges),
-            float(self.normalize_total or 0.0), self.normalize_total is not None, self.log1p,
-            self.ties == "random", np.uint64(K.hash_salt(self.seed, _TIE_STREAM)), lo, edges,
-            values, genes, shift,
+            m.indptr, m.data, m.indices, column_tokens, *self._kernel_settings(), lo, edges, values, genes, shift,
         )
         return edges
+
+    def _kernel_settings(self) -> tuple:
+        """Arguments every compiled binning kernel takes: quantile levels, normalization, ties, salt."""
+        return (
+            np.linspace(0, 1, self.n_bins - 1), float(self.normalize_total or 0.0),
+            self.normalize_total is not None, self.log1p, self.ties == "random",
+            np.uint64(K.hash_salt(self.seed, _TIE_STREAM)),
+        )
+
+    def _gene_limit(self) -> int | None:
+        """Most genes a cell keeps (``max_len`` minus the ``<cls>`` slot), or None."""
+        return None if self.max_len is None else self.max_len - (1 if self.append_cls else 0)
 
     def _aligned(self, source: ExpressionSource, plan: GenePlan, lo: int, hi: int, csr: sp.csr_matrix) -> sp.csr_matrix:
         """Checked, vocabulary-aligned chunk."""
