@@ -22,6 +22,7 @@ guess is ``"unknown"``. Integers that are exactly ``0..n-1`` or ``1..n`` are rep
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -120,10 +121,19 @@ def _is_positional(s: pd.Series) -> bool:
                 or np.array_equal(values, np.arange(1, values.size + 1)))
 
 
-def detect_id_type(genes: Sequence[str]) -> IdTypeGuess:
-    """Guess the identifier type of ``genes`` by majority (see the module docstring)."""
+@functools.cache
+def _symbol_tables() -> tuple[pd.Index, np.ndarray]:
+    """All HGNC and MGI names in one Index, with bit 1 set for human and bit 2 for mouse names."""
     from scforge.genes._tables import species_index
 
+    human, mouse = species_index("human").all_names, species_index("mouse").all_names
+    names = human.append(mouse).drop_duplicates()
+    bits = (names.isin(human).astype(np.int8) | (names.isin(mouse).astype(np.int8) << 1)).astype(np.int8)
+    return names, bits
+
+
+def detect_id_type(genes: Sequence[str]) -> IdTypeGuess:
+    """Guess the identifier type of ``genes`` by majority (see the module docstring)."""
     s = _as_series(genes)
     n = len(s)
     if n == 0:
@@ -135,9 +145,12 @@ def detect_id_type(genes: Sequence[str]) -> IdTypeGuess:
     mus_ens = regex_where(s, MOUSE_ENSEMBL_RE, ens_like, case=False)
     entrez = regex_where(s, ENTREZ_RE, np_strings.isdigit(text))
     rest = ~(hum_ens | mus_ens | entrez)
-    # the tables' Index objects keep their hash tables, so lookups do not rebuild them per call
-    in_h = rest & (species_index("human").all_names.get_indexer(s) >= 0)
-    in_m = rest & (species_index("mouse").all_names.get_indexer(s) >= 0)
+    # one lookup in the union of both tables; its Index keeps its hash table between calls
+    names, species_bits = _symbol_tables()
+    pos = names.get_indexer(s)
+    bits = np.where(pos >= 0, species_bits[pos], 0)
+    in_h = rest & ((bits & 1) > 0)
+    in_m = rest & ((bits & 2) > 0)
     h_only, m_only, both = in_h & ~in_m, in_m & ~in_h, in_h & in_m
     sym_type, sym_mask = (
         ("symbol", h_only | both) if h_only.sum() >= m_only.sum() else ("mouse_symbol", m_only | both)

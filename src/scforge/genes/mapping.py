@@ -77,6 +77,8 @@ def _as_object_array(values: Sequence[str]) -> np.ndarray:
     if isinstance(values, str):
         values = [values]
     arr = np.asarray(values, dtype=object).ravel()
+    if pd.api.types.infer_dtype(arr, skipna=False) == "string":  # all str already (C check)
+        return arr.copy()
     out = np.empty(arr.size, dtype=object)
     out[:] = [None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in arr]
     return out

@@ -88,21 +88,30 @@ def _mix_gene(cell_key: np.uint64, token) -> np.uint64:
     return _mix32(cell_key ^ gene)
 
 
+@numba.njit(cache=True, inline="always")
+def _tie_draw(cell_key: np.uint64, token, width) -> int:
+    """``floor(r * width)`` for ``r = hash / 2**32`` in [0, 1): in integers, ``hash * width >> 32``
+    (exact, so equal to the float64 product of the NumPy kernel, which is exact below 2**53)."""
+    return np.int64((_mix_gene(cell_key, token) * np.uint64(width)) >> np.uint64(32))
+
+
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _bin_row(
     lo, hi, data, indices, column_tokens, q, target_sum, normalize, log1p, random_ties, cell_key, tag,
-    box, stamp, hist, done, scaled_row, scaled_of, left_of, right_of, edges_row, row_vals, row_tokens,
-    row_digits,
+    box, stamp, hist, distinct, scaled_of, left_of, width_of, edges_row, row_vals, row_tokens, row_digits,
 ):
     """Bins of one cell's expressed, matched genes (CSR entries ``lo..hi-1``).
 
     Entries with value 0 or ``column_tokens[column] < 0`` are skipped. Writes the kept entries'
     tokens and bins, in CSR order, to ``row_tokens[:n]`` / ``row_digits[:n]`` and the cell's
-    quantile edges to ``edges_row``; returns ``n``, or -1 when a value is negative or not finite. The scratch tables are indexed by count value
-    and valid where their stamp equals ``tag`` (unique per cell), so they are never cleared.
+    quantile edges to ``edges_row``; returns ``n``, or -1 when a value is negative or not finite.
+    Counting path: ``hist`` is indexed by count value and valid where ``stamp`` equals ``tag``
+    (unique per cell), so it is never cleared; ``distinct`` lists the cell's distinct counts, whose
+    bins (``left_of``, and ``width_of`` = left - right digitize for ties) are computed once each.
     """
     n_edges = q.size
     n = 0
+    n_distinct = 0
     total = 0.0
     use_hist = True
     max_c = 0
@@ -120,11 +129,13 @@ def _bin_row(
         n += 1
         total += v
         if use_hist:  # a histogram of counts while the values are small positive integers
-            if v > 0 and v < stamp.size and int(v) == v:
+            if v < stamp.size and int(v) == v:
                 c = int(v)
                 if stamp[c] != tag:
                     stamp[c] = tag
                     hist[c] = 0
+                    distinct[n_distinct] = c
+                    n_distinct += 1
                 hist[c] += 1
                 if c > max_c:
                     max_c = c
@@ -139,7 +150,11 @@ def _bin_row(
     factor = row_vals[0]  # unused unless normalize
     if normalize:
         factor = _cast(total, box) / _cast(target_sum, box)
-    if not use_hist:
+    if use_hist:  # each distinct count is scaled once
+        for k in range(n_distinct):
+            c = distinct[k]
+            scaled_of[c] = _scale(_cast(c, box), factor, normalize, log1p)
+    else:
         xs = np.empty(n, dtype=data.dtype)
         for j in range(n):
             xs[j] = _scale(row_vals[j], factor, normalize, log1p)
@@ -168,38 +183,32 @@ def _bin_row(
             while upto <= pb:
                 vb += 1
                 upto += hist[vb] if stamp[vb] == tag else 0
-            if scaled_row[va] != tag:  # each distinct count is scaled once per cell
-                scaled_row[va] = tag
-                scaled_of[va] = _scale(_cast(va, box), factor, normalize, log1p)
-            if scaled_row[vb] != tag:
-                scaled_row[vb] = tag
-                scaled_of[vb] = _scale(_cast(vb, box), factor, normalize, log1p)
             a = scaled_of[va]
             b = scaled_of[vb]
         else:
             a = xs[pa]
             b = xs[pb]
         edges_row[j] = _edge(a, b, gamma)
-    for j in range(n):
-        if use_hist:  # digitize each distinct count once per cell
+    if use_hist:
+        for k in range(n_distinct):  # digitize each distinct count once
+            c = distinct[k]
+            left = _count_le(edges_row, scaled_of[c])
+            left_of[c] = left
+            width_of[c] = left - _count_lt(edges_row, scaled_of[c])
+        for j in range(n):
             c = int(row_vals[j])
-            if done[c] != tag:
-                done[c] = tag
-                if scaled_row[c] != tag:
-                    scaled_row[c] = tag
-                    scaled_of[c] = _scale(row_vals[j], factor, normalize, log1p)
-                x = scaled_of[c]
-                left_of[c] = _count_le(edges_row, x)
-                right_of[c] = _count_lt(edges_row, x)
             left = left_of[c]
-            right = right_of[c]
-        else:
-            x = _scale(row_vals[j], factor, normalize, log1p)
-            left = _count_le(edges_row, x)
-            right = _count_lt(edges_row, x)
-        if random_ties and left != right:
-            r = np.float64(np.int64(_mix_gene(cell_key, row_tokens[j]))) * (1.0 / 4294967296.0)
-            left = left - int(r * (left - right))  # r * d >= 0, so int() is floor
+            width = width_of[c]
+            if random_ties and width != 0:
+                left = left - _tie_draw(cell_key, row_tokens[j], width)
+            row_digits[j] = left
+        return n
+    for j in range(n):
+        x = _scale(row_vals[j], factor, normalize, log1p)
+        left = _count_le(edges_row, x)
+        width = left - _count_lt(edges_row, x)
+        if random_ties and width != 0:
+            left = left - _tie_draw(cell_key, row_tokens[j], width)
         row_digits[j] = left
     return n
 
@@ -216,12 +225,12 @@ def _table_size(data: np.ndarray) -> int:
 
 @numba.njit(cache=True, nogil=True)
 def _scratch(dtype_like: np.ndarray, max_row: int, size: int):
+    """box, stamp, hist, distinct, scaled_of, left_of, width_of, row_vals, row_tokens, row_digits."""
     return (
         np.empty(1, dtype=dtype_like.dtype),
         np.full(size, -1, dtype=np.int64),
         np.zeros(size, dtype=np.int64),
-        np.full(size, -1, dtype=np.int64),
-        np.full(size, -1, dtype=np.int64),
+        np.empty(min(size, max(max_row, 1)), dtype=np.int64),
         np.zeros(size, dtype=dtype_like.dtype),
         np.zeros(size, dtype=np.int64),
         np.zeros(size, dtype=np.int64),
@@ -261,7 +270,7 @@ def bin_chunk(
     max_row = 0
     for row in range(n_rows):
         max_row = max(max_row, indptr[row + 1] - indptr[row])
-    box, stamp, hist, done, scaled_row, scaled_of, left_of, right_of, row_vals, row_tokens, row_digits = _scratch(
+    box, stamp, hist, distinct, scaled_of, left_of, width_of, row_vals, row_tokens, row_digits = _scratch(
         data, max_row, _table_size(data)
     )
     write_genes = out_genes.size > 0
@@ -269,7 +278,7 @@ def bin_chunk(
         cell_key = _mix32(np.uint64(first_cell + row) ^ salt)
         n = _bin_row(
             indptr[row], indptr[row + 1], data, indices, column_tokens, q, target_sum, normalize, log1p,
-            random_ties, cell_key, row, box, stamp, hist, done, scaled_row, scaled_of, left_of, right_of,
+            random_ties, cell_key, row, box, stamp, hist, distinct, scaled_of, left_of, width_of,
             edges[row], row_vals, row_tokens, row_digits,
         )
         base = indptr[row] + shift * (row + 1)
@@ -296,7 +305,7 @@ def bin_matrix(
     for block in numba.prange(n_blocks):
         r0 = block * n_rows // n_blocks
         r1 = (block + 1) * n_rows // n_blocks
-        box, stamp, hist, done, scaled_row, scaled_of, left_of, right_of, row_vals, row_tokens, row_digits = (
+        box, stamp, hist, distinct, scaled_of, left_of, width_of, row_vals, row_tokens, row_digits = (
             _scratch(data, max_row, size)
         )
         keys = np.empty(max(max_row, 1), dtype=np.int64)
@@ -308,7 +317,7 @@ def bin_matrix(
             if hi - lo <= limit:  # no subsampling possible: write straight into the output
                 n = _bin_row(
                     lo, hi, data, indices, column_tokens, q, target_sum, normalize, log1p, random_ties,
-                    cell_key, row, box, stamp, hist, done, scaled_row, scaled_of, left_of, right_of, edges[row],
+                    cell_key, row, box, stamp, hist, distinct, scaled_of, left_of, width_of, edges[row],
                     row_vals, out_genes[pos : pos + (hi - lo)], out_values[pos : pos + (hi - lo)],
                 )
                 bad[row] = 1 if n < 0 else 0
@@ -316,7 +325,7 @@ def bin_matrix(
                 continue
             n = _bin_row(
                 lo, hi, data, indices, column_tokens, q, target_sum, normalize, log1p, random_ties, cell_key,
-                row, box, stamp, hist, done, scaled_row, scaled_of, left_of, right_of, edges[row], row_vals,
+                row, box, stamp, hist, distinct, scaled_of, left_of, width_of, edges[row], row_vals,
                 row_tokens, row_digits,
             )
             if n < 0:
