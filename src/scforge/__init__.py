@@ -17,7 +17,14 @@ __version__ = "0.1.0"
 
 logging.getLogger("scforge").addHandler(logging.NullHandler())
 
-_SUBMODULES = {"genes", "tokenize", "matrix", "errors"}
+_SUBMODULES = {"genes", "tokenize", "matrix", "errors", "nn", "models", "hub"}
+
+
+def load(path: Any, **kwargs: Any) -> Any:
+    """Load a model folder (published scGPT, or scforge's own format); see :func:`scforge.models.load`."""
+    from scforge.models import load as _load
+
+    return _load(path, **kwargs)
 
 
 def __getattr__(name: str) -> Any:

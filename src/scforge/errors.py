@@ -29,3 +29,7 @@ class DependencyError(ScforgeError, ImportError):
 
 class ConfigError(ScforgeError, ValueError):
     """An argument or configuration value is out of range or inconsistent."""
+
+
+class CheckpointError(ScforgeError, ValueError):
+    """A checkpoint file or folder is missing, truncated, malformed or does not fit the model."""

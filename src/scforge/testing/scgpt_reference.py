@@ -94,6 +94,24 @@ def load_scgpt_reference() -> ScGPTReference:
     return ScGPTReference(preprocess=preprocess, gene_tokenizer=gene_tokenizer)
 
 
+def load_scgpt_model_module() -> types.ModuleType:
+    """scGPT's ``scgpt.model.model`` (``TransformerModel`` and its parts) without the package
+    ``__init__`` files (which pull in torchtext, GEARS and more). flash-attn is not needed: the
+    reference falls back to ``nn.TransformerEncoderLayer``, its PyTorch path."""
+    load_scgpt_reference()  # installs the bare `scgpt` package
+    package_dir = Path(sys.modules["scgpt"].__path__[0])  # type: ignore[attr-defined]
+    if "scgpt.model" not in sys.modules or not hasattr(sys.modules["scgpt.model"], "_scforge_stub"):
+        sub = types.ModuleType("scgpt.model")
+        sub.__path__ = [str(package_dir / "model")]  # type: ignore[attr-defined]
+        sub._scforge_stub = True  # type: ignore[attr-defined]
+        sys.modules["scgpt.model"] = sub
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "flash_attn is not installed"
+        return importlib.import_module("scgpt.model.model")
+
+
 def vocab_stand_in(mapping: dict[str, int]) -> _VocabStandIn:
     """A dict usable as the reference's ``vocab`` argument."""
     return _VocabStandIn(mapping)

@@ -1,0 +1,9 @@
+"""scGPT on the shared core: config, torch module, published checkpoints, and the user-facing model."""
+
+from scforge.models.scgpt.api import ScGPT
+from scforge.models.scgpt.checkpoint import LoadReport, detect_layout, to_published_keys, to_scforge_keys
+from scforge.models.scgpt.config import ScGPTConfig
+from scforge.models.scgpt.model import ScGPTModel
+
+__all__ = ["LoadReport", "ScGPT", "ScGPTConfig", "ScGPTModel", "detect_layout", "to_published_keys",
+           "to_scforge_keys"]
