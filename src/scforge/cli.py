@@ -96,6 +96,35 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_embed(args: argparse.Namespace) -> int:
+    import anndata as ad
+
+    import scforge
+
+    data, out = Path(args.data), Path(args.out)
+    if not data.is_file() or data.suffix != ".h5ad":
+        raise ScforgeError(f"Data file {args.data!r} not found or not an .h5ad file.")
+    if out.suffix != ".h5ad":
+        raise ScforgeError(f"--out {args.out!r} must end in .h5ad.")
+    if out.exists() and out.resolve() == data.resolve():
+        raise ScforgeError("--out is the input file; scforge never overwrites your data. Choose another path.")
+    if out.exists() and not args.overwrite:
+        raise ScforgeError(f"{args.out} exists; pass --overwrite to replace it.")
+    model = scforge.load(args.model)
+    adata = ad.read_h5ad(data)
+    emb = model.embed(
+        adata, args.layer, batch_size=args.batch_size, key_added=args.key_added, device=args.device,
+        precision=args.precision, max_length=args.max_length, normalize=not args.no_normalize, seed=args.seed,
+        gene_col=args.gene_col, use_raw=args.use_raw, progress=not args.no_progress,
+    )
+    tmp = out.with_name(out.name + ".partial")
+    adata.write_h5ad(tmp)
+    tmp.replace(out)
+    print(json.dumps({"cells": int(emb.shape[0]), "dim": int(emb.shape[1]), "key": f"obsm[{args.key_added!r}]",
+                      "written": str(out)}, indent=2))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from scforge.demo import run_demo
 
@@ -137,6 +166,24 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--n-jobs", type=int, default=None, help="threads (default: all cores, at most 8)")
     tok.add_argument("--progress", action="store_true", help="show a progress bar")
     tok.set_defaults(func=_cmd_tokenize)
+
+    emb = sub.add_parser("embed", help="cell embeddings from a model folder, written to a new .h5ad")
+    emb.add_argument("data", help="an .h5ad file (it is not modified)")
+    emb.add_argument("--model", required=True, help="model folder: published scGPT or scforge format")
+    emb.add_argument("--out", required=True, help="output .h5ad: the data plus obsm[KEY]")
+    emb.add_argument("--layer", default=None, help="layer holding the expression (default: X)")
+    emb.add_argument("--use-raw", action="store_true", help="read adata.raw instead of X")
+    emb.add_argument("--gene-col", default=None, help="var column with gene ids (default: var_names)")
+    emb.add_argument("--key-added", default="X_scGPT", help="obsm key (default X_scGPT)")
+    emb.add_argument("--batch-size", type=int, default=64)
+    emb.add_argument("--max-length", type=int, default=None, help="tokens per cell (default: the model's, 1200)")
+    emb.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    emb.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    emb.add_argument("--seed", type=int, default=0)
+    emb.add_argument("--no-normalize", action="store_true", help="keep raw <cls> outputs (no L2 normalisation)")
+    emb.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    emb.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    emb.set_defaults(func=_cmd_embed)
 
     demo = sub.add_parser("demo", help="tokenize scanpy's pbmc68k_reduced for every model family")
     demo.set_defaults(func=_cmd_demo)
