@@ -27,6 +27,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/tokenize.py --quick
+	$(PY) benchmarks/embed.py --quick
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

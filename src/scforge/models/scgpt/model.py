@@ -71,12 +71,14 @@ class ScGPTModel(nn.Module):
     # ---- encoding ----------------------------------------------------------------------------
     def embed_tokens(
         self, genes: torch.Tensor, values: torch.Tensor | None, gen_mask: torch.Tensor | None = None,
-        batch_labels: torch.Tensor | None = None,
+        batch_labels: torch.Tensor | None = None, cell_emb_input: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Input embeddings (gene + value, or gene x value for ``scaling``) and the gene embeddings.
 
         ``gen_mask`` (True = generated token, pretraining) replaces the value embedding of those
-        tokens with ``flag_encoder(1)``."""
+        tokens with ``flag_encoder(1)``; ``cell_emb_input`` [B, d] replaces each cell's first
+        position (scGPT's cell-prompted second generative pass)."""
         gene_embs = self.encoder(genes)
         if values is None:
             total = gene_embs
@@ -95,6 +97,12 @@ class ScGPTModel(nn.Module):
             total = self._channel_norm(lambda x: self.dsbn(x, int(batch_labels[0])), total)
         elif hasattr(self, "bn"):
             total = self._channel_norm(self.bn, total)
+        if cell_emb_input is not None:
+            total = total.clone()
+            if cu_seqlens is not None:
+                total[cu_seqlens[:-1]] = cell_emb_input.to(total.dtype)
+            else:
+                total[:, 0] = cell_emb_input.to(total.dtype)
         return total, gene_embs
 
     @staticmethod
@@ -114,13 +122,14 @@ class ScGPTModel(nn.Module):
         batch_labels: torch.Tensor | None = None,
         gen_mask: torch.Tensor | None = None,
         return_layers: bool = False,
+        cell_emb_input: torch.Tensor | None = None,
     ):
         """Transformer output ``[B, L, d]`` (padded) or ``[T, d]`` (packed with ``cu_seqlens``).
 
         ``gen_mask`` (padded only) applies scGPT's generative attention: known ("perception")
         tokens attend to each other; each generated token attends to known tokens and itself."""
         self._check_batch_labels(batch_labels)
-        total, gene_embs = self.embed_tokens(genes, values, gen_mask, batch_labels)
+        total, gene_embs = self.embed_tokens(genes, values, gen_mask, batch_labels, cell_emb_input, cu_seqlens)
         self._gene_embs = gene_embs
         kwargs: dict = {}
         if cu_seqlens is not None:
@@ -183,12 +192,13 @@ class ScGPTModel(nn.Module):
         MVC: bool = False,  # noqa: N803
         ECS: bool = False,  # noqa: N803
         do_sample: bool = False,
+        cell_emb_input: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """All outputs the reference ``TransformerModel.forward`` returns, for the same flags."""
         if padding_mask is None and cu_seqlens is None:
             padding_mask = genes == self.config.pad_token_id
         h = self.encode(genes, values, padding_mask=padding_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                        batch_labels=batch_labels, gen_mask=gen_mask)
+                        batch_labels=batch_labels, gen_mask=gen_mask, cell_emb_input=cell_emb_input)
         gene_embs = self._gene_embs
         batch_emb = self.batch_encoder(batch_labels) if self.config.use_batch_labels else None
         out: dict[str, torch.Tensor] = {}

@@ -1,0 +1,195 @@
+"""The Lightning module that trains an :class:`~scforge.models.scgpt.ScGPTModel` on chosen objectives."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass, field
+
+import lightning as L
+import numpy as np
+import torch
+
+from scforge.errors import ConfigError
+from scforge.train.objectives import Objectives, objective_losses
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a warmup then ``schedule``: ``"cosine"`` / ``"linear"`` decay to ``min_lr_ratio``
+    of the peak, ``"constant"``, or ``"step"`` (x ``gamma`` every ``step_every`` steps, as scGPT's
+    StepLR per epoch). ``freeze``: parameter-name prefixes kept fixed (e.g. ``"encoder."``,
+    ``"value_encoder."``, ``"transformer_encoder.layers.0."``)."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.0
+    gamma: float = 0.9
+    step_every: int = 100
+    freeze: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "linear", "constant", "step"):
+            raise ConfigError(f"schedule={self.schedule!r}; choose cosine, linear, constant or step")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+
+
+def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:
+    """Multiplier of the peak learning rate at ``step`` (0-based) of ``total``."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "step":
+        return cfg.gamma ** ((step - cfg.warmup_steps) // max(cfg.step_every, 1))
+    span = max(total - cfg.warmup_steps, 1)
+    progress = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
+
+
+class ScGPTTrainingModule(L.LightningModule):
+    """Trains ``model`` (an ``ScGPTModel``) on ``objectives``; batches come from :mod:`scforge.train.data`.
+
+    Logs ``train/loss`` and each term (``train/gep``, ``train/cls``, ...), ``val/loss`` and, with
+    labels, ``val/accuracy``. Saves and restores the Python, NumPy and torch RNG states with each
+    checkpoint, so a resumed run continues with the same dropout draws."""
+
+    def __init__(self, model: torch.nn.Module, objectives: Objectives, optim: OptimConfig | None = None,
+                 total_steps: int | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.objectives = objectives
+        self.optim = optim or OptimConfig()
+        self.total_steps = total_steps
+        self._check_model()
+        for name, p in self.model.named_parameters():
+            if any(name.startswith(prefix) for prefix in self.optim.freeze):
+                p.requires_grad_(False)
+        cw = objectives.class_weights
+        self.register_buffer("class_weights", None if cw is None else torch.tensor(cw, dtype=torch.float32),
+                             persistent=False)
+        self.save_hyperparameters({"objectives": asdict(objectives), "optim": asdict(self.optim)})
+
+    def _check_model(self) -> None:
+        c, o = self.model.config, self.objectives
+        if o.mvc and not c.do_mvc:
+            raise ConfigError("the MVC objective needs a model with an MVC decoder (do_mvc=True)")
+        if o.dar_weight and not c.do_dab:
+            raise ConfigError("DAR needs a model with the batch discriminator (do_dab=True, num_batch_labels)")
+        if o.cls and c.n_cls < 2:
+            raise ConfigError("classification needs a classifier head with n_cls >= 2")
+        if o.ecs_threshold is not None:
+            c.ecs_threshold = o.ecs_threshold
+
+    # ---- steps -------------------------------------------------------------------------------
+    def _forward(self, batch: dict[str, torch.Tensor], cell_emb_input: torch.Tensor | None = None):
+        o = self.objectives
+        kwargs = {}
+        if "cu_seqlens" in batch:
+            kwargs = {"cu_seqlens": batch["cu_seqlens"], "max_seqlen": int(batch["max_seqlen"])}
+        else:
+            kwargs = {"padding_mask": batch["padding_mask"], "gen_mask": batch["gen_mask"]}
+        needs_batch = self.model.config.use_batch_labels or bool(self.model.config.domain_spec_batchnorm)
+        return self.model(batch["genes"], batch["values"], batch_labels=batch.get("batch_labels") if needs_batch
+                          else None, CLS=o.cls, CCE=bool(o.cce_weight), MVC=o.mvc, ECS=bool(o.ecs_weight),
+                          cell_emb_input=cell_emb_input, **kwargs)
+
+    def _losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
+        out = self._forward(batch)
+        losses = objective_losses(self.model, out, batch, self.objectives, self.class_weights)
+        o = self.objectives
+        if o.second_pass and "gen_mask" in batch and self.global_step >= o.second_pass_after:
+            again = self._forward(batch, cell_emb_input=out["cell_emb"].detach())
+            losses["gen_second"] = objective_losses(self.model, again, batch, Objectives(gep=True))["gep"]
+        return sum(losses.values()), losses, out
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self._consumed = getattr(self, "_consumed", 0) + 1
+        total, losses, _ = self._losses(batch)
+        n = int(batch["cells"].numel())
+        self.log("train/loss", total, prog_bar=True, batch_size=n, on_step=True, on_epoch=True)
+        for name, value in losses.items():
+            self.log(f"train/{name}", value, batch_size=n)
+        return total
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        total, losses, out = self._losses(batch)
+        n = int(batch["cells"].numel())
+        self.log("val/loss", total, prog_bar=True, batch_size=n, sync_dist=True)
+        for name, value in losses.items():
+            self.log(f"val/{name}", value, batch_size=n, sync_dist=True)
+        if self.objectives.cls and "labels" in batch:
+            acc = (out["cls_output"].argmax(-1) == batch["labels"]).float().mean()
+            self.log("val/accuracy", acc, prog_bar=True, batch_size=n, sync_dist=True)
+
+    # ---- optimisation ------------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError("every parameter is frozen; nothing to train")
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.optim.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}],
+                                lr=self.optim.lr, betas=self.optim.betas, eps=self.optim.eps)
+        total = self.total_steps or int(self.trainer.estimated_stepping_batches)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, total, self.optim))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---- exact resume ------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        checkpoint["scforge_rng"] = {  # plain types and tensors only: loadable with weights_only=True
+            "python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        }
+        checkpoint["scforge_data"] = {"epoch": int(self.current_epoch), "consumed": int(getattr(self, "_consumed", 0))}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._pending_resume = checkpoint
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        """The first step after a resume restores the RNG states saved with the checkpoint (here, after
+        the data iterator was created, so nothing else draws from them before the step)."""
+        rng = getattr(self, "_pending_rng", None)
+        if rng is not None:
+            version, internal, gauss_next = rng["python"]
+            random.setstate((version, tuple(internal), gauss_next))
+            name, keys, pos, has_gauss, gauss = rng["numpy"]
+            np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+            torch.set_rng_state(rng["torch"])
+            self._pending_rng = None
+
+    def _sampler(self):
+        sampler = getattr(self.trainer.train_dataloader, "batch_sampler", None)
+        return sampler if sampler is not None and hasattr(sampler, "set_epoch") else None
+
+    def on_train_start(self) -> None:
+        """On a resume, point the sampler at the saved epoch and skip the minibatches already used.
+        (Lightning does not call ``on_train_epoch_start`` for an epoch it resumes in the middle.)"""
+        self._consumed, self._consumed_epoch = 0, self.current_epoch
+        state = getattr(self, "_pending_resume", None)
+        self._pending_resume = None
+        sampler = self._sampler()
+        if sampler is not None:
+            sampler.set_epoch(self.current_epoch)
+        if state is None:
+            return
+        self._pending_rng = state.get("scforge_rng")
+        data = state.get("scforge_data")
+        if sampler is not None and data is not None and data["epoch"] == self.current_epoch and data["consumed"]:
+            sampler.load_state_dict(data)
+            self._consumed = data["consumed"]
+
+    def on_train_epoch_start(self) -> None:
+        if self._consumed_epoch != self.current_epoch:
+            self._consumed, self._consumed_epoch = 0, self.current_epoch
+        sampler = self._sampler()
+        if sampler is not None:
+            sampler.set_epoch(self.current_epoch)
