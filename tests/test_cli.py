@@ -15,7 +15,7 @@ from scforge.tokenize import TokenizedCells
 def test_help_lists_commands(capsys):
     assert main([]) == 0
     out = capsys.readouterr().out
-    for cmd in ("genes", "tokenize", "embed", "demo"):
+    for cmd in ("genes", "tokenize", "embed", "pretrain", "finetune", "predict", "demo"):
         assert cmd in out
     proc = subprocess.run([sys.executable, "-m", "scforge.cli", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "tokenize" in proc.stdout

@@ -118,3 +118,21 @@ def test_precision_and_device_resolution():
     with torch.no_grad():
         full = layer(x)
     assert torch.allclose(low.float(), full, atol=0.1)
+
+
+def test_varlen_long_and_short_paths_agree():
+    torch.manual_seed(5)
+    lengths = torch.tensor([300, 20, 280])  # longest > 256: one SDPA call per sequence
+    cu = cu_seqlens_from_lengths(lengths)
+    q, k, v = (torch.randn(int(lengths.sum()), 2, 8) for _ in range(3))
+    with torch.inference_mode():
+        looped = varlen_attention(q, k, v, cu)
+        import scforge.nn.attention as attention
+
+        old = attention._CPU_PADDED_MAX_LEN
+        attention._CPU_PADDED_MAX_LEN = 10_000  # force the padded path
+        try:
+            padded = varlen_attention(q, k, v, cu)
+        finally:
+            attention._CPU_PADDED_MAX_LEN = old
+    assert torch.allclose(looped, padded, atol=1e-5)

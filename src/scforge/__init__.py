@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 logging.getLogger("scforge").addHandler(logging.NullHandler())
 
-_SUBMODULES = {"genes", "tokenize", "matrix", "errors", "nn", "models", "hub"}
+_SUBMODULES = {"genes", "tokenize", "matrix", "errors", "nn", "models", "hub", "metrics", "tasks"}
 
 
 def load(path: Any, **kwargs: Any) -> Any:

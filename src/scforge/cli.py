@@ -125,10 +125,108 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from scforge.demo import run_demo
+def _check_out_folder(out: str, overwrite: bool) -> None:
+    path = Path(out)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+        raise ScforgeError(f"--out {out!r} exists and is not empty; pass --overwrite to replace it, or choose "
+                           "another folder.")
 
-    run_demo()
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from scforge.tasks.pretrain import pretrain
+
+    data = _read_data(args.data)
+    _check_out_folder(args.out, args.overwrite)
+    result = pretrain(
+        data, layer=args.layer, d_model=args.width, n_layers=args.layers, n_heads=args.heads, d_hid=args.ffn,
+        max_length=args.max_length, objective=args.objective, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, warmup_steps=args.warmup_steps, val_fraction=args.val_fraction, seed=args.seed,
+        precision=args.precision, progress=not args.no_progress, max_steps=args.max_steps,
+    )
+    out = result.model.save(args.out, overwrite=args.overwrite)
+    metrics = {k: (v if v == v else None) for k, v in result.metrics.items()}
+    print(json.dumps({"written": str(out), "n_train_cells": result.n_train_cells, "n_val_cells": result.n_val_cells,
+                      "metrics": metrics}, indent=2))
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    import scforge
+    from scforge.models.scgpt import ScGPT
+    from scforge.tasks.annotate import fine_tune, linear_probe
+
+    data = _read_data(args.data)
+    _check_out_folder(args.out, args.overwrite)
+    model = scforge.load(args.model)
+    if not isinstance(model, ScGPT):
+        raise ScforgeError(f"{args.model} holds a {type(model).__name__}; annotation needs an scGPT model.")
+    progress = not args.no_progress
+    if args.mode == "fine_tune":
+        annotator = fine_tune(
+            model, data, args.label_key, layer=args.layer, epochs=args.epochs, batch_size=args.batch_size,
+            lr=args.lr, max_length=args.max_length, val_fraction=args.val_fraction, class_weights=args.class_weights,
+            seed=args.seed, precision=args.precision, progress=progress,
+        )
+    else:
+        if args.class_weights:
+            raise ScforgeError("--class-weights applies to --mode fine_tune only.")
+        annotator = linear_probe(
+            model, data, args.label_key, layer=args.layer, val_fraction=args.val_fraction, seed=args.seed,
+            batch_size=args.batch_size, max_length=args.max_length, precision=args.precision, progress=progress,
+        )
+    out = annotator.save(args.out, overwrite=args.overwrite)
+    print(json.dumps({"written": str(out), **annotator.summary()}, indent=2))
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import anndata as ad
+    import numpy as np
+
+    from scforge.errors import InputDataError
+    from scforge.tasks.annotate import Annotator
+
+    data, out = Path(args.data), Path(args.out)
+    if not data.is_file() or data.suffix != ".h5ad":
+        raise ScforgeError(f"Data file {args.data!r} not found or not an .h5ad file.")
+    if out.suffix != ".h5ad":
+        raise ScforgeError(f"--out {args.out!r} must end in .h5ad.")
+    if out.exists() and out.resolve() == data.resolve():
+        raise ScforgeError("--out is the input file; scforge never overwrites your data. Choose another path.")
+    if out.exists() and not args.overwrite:
+        raise ScforgeError(f"{args.out} exists; pass --overwrite to replace it.")
+    annotator = Annotator.load(args.model)
+    adata = ad.read_h5ad(data)
+    key = args.key_added or annotator.label_key
+    kwargs = {"layer": args.layer, "key_added": key, "batch_size": args.batch_size, "progress": not args.no_progress}
+    summary: dict[str, Any] = {"cells": int(adata.n_obs), "mode": annotator.mode}
+    annotator.predict(adata, **kwargs)
+    if annotator.label_key in adata.obs.columns:
+        try:
+            report = annotator.score(adata.obs[annotator.label_key], adata.obs[f"{key}_pred"])
+            summary["metrics"] = report.to_dict()
+        except InputDataError as exc:
+            summary["metrics"] = None
+            logger.warning("no metrics: %s", exc)
+        summary["unseen_label_cells"] = int(np.sum(adata.obs[f"{key}_unseen"]))
+    counts = adata.obs[f"{key}_pred"].value_counts()
+    summary["predicted"] = {str(k): int(v) for k, v in counts.items()}
+    summary["keys"] = {"obs": f"{key}_pred", "obsm": f"{key}_proba"}
+    tmp = out.with_name(out.name + ".partial")
+    adata.write_h5ad(tmp)
+    tmp.replace(out)
+    summary["written"] = str(out)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from scforge.demo import run_demo, tokenizer_overview
+
+    if args.tokenizers:
+        tokenizer_overview()
+        return 0
+    run_demo(args.out, model=args.model, epochs=args.epochs, seed=args.seed, progress=not args.no_progress)
     return 0
 
 
@@ -185,7 +283,65 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     emb.set_defaults(func=_cmd_embed)
 
-    demo = sub.add_parser("demo", help="tokenize scanpy's pbmc68k_reduced for every model family")
+    pre = sub.add_parser("pretrain", help="pretrain a new scGPT model on raw counts, saved as a model folder")
+    pre.add_argument("data", help="an .h5ad file of raw counts (read backed) or 'pbmc68k_reduced'")
+    pre.add_argument("--out", required=True, help="model folder to write (scforge format)")
+    pre.add_argument("--layer", default=None, help="layer holding the counts (default: X)")
+    pre.add_argument("--layers", type=int, default=4, help="transformer layers (default 4)")
+    pre.add_argument("--width", type=int, default=128, help="model width d_model (default 128)")
+    pre.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
+    pre.add_argument("--ffn", type=int, default=256, help="feed-forward width (default 256)")
+    pre.add_argument("--max-length", type=int, default=256, help="tokens per cell (default 256)")
+    pre.add_argument("--objective", default="generative", choices=["generative", "mask"])
+    pre.add_argument("--epochs", type=int, default=2)
+    pre.add_argument("--batch-size", type=int, default=32)
+    pre.add_argument("--lr", type=float, default=5e-4)
+    pre.add_argument("--warmup-steps", type=int, default=100)
+    pre.add_argument("--val-fraction", type=float, default=0.05)
+    pre.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (-1: run all epochs)")
+    pre.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    pre.add_argument("--overwrite", action="store_true", help="replace --out if it holds a model folder")
+    pre.set_defaults(func=_cmd_pretrain)
+
+    ft = sub.add_parser("finetune", help="train a cell-type annotator on labelled cells (fine-tune or linear probe)")
+    ft.add_argument("data", help="an .h5ad file with raw counts and a label column in obs")
+    ft.add_argument("--model", required=True, help="model folder: published scGPT or scforge format")
+    ft.add_argument("--label-key", required=True, help="obs column with the cell-type labels")
+    ft.add_argument("--out", required=True, help="annotator folder to write")
+    ft.add_argument("--mode", default="fine_tune", choices=["fine_tune", "linear_probe"])
+    ft.add_argument("--layer", default=None, help="layer holding the counts (default: X)")
+    ft.add_argument("--epochs", type=int, default=10)
+    ft.add_argument("--batch-size", type=int, default=32)
+    ft.add_argument("--lr", type=float, default=1e-4)
+    ft.add_argument("--max-length", type=int, default=None, help="tokens per cell (default: the model's)")
+    ft.add_argument("--val-fraction", type=float, default=0.1, help="held-out share for validation (default 0.1)")
+    ft.add_argument("--class-weights", action="store_true", help="weight the loss by inverse class frequency")
+    ft.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    ft.add_argument("--overwrite", action="store_true", help="replace --out if it holds an annotator")
+    ft.set_defaults(func=_cmd_finetune)
+
+    pred = sub.add_parser("predict", help="annotate cells with a trained annotator, written to a new .h5ad")
+    pred.add_argument("data", help="an .h5ad file (it is not modified)")
+    pred.add_argument("--model", required=True, help="annotator folder written by `scforge finetune`")
+    pred.add_argument("--out", required=True, help="output .h5ad: the data plus obs[KEY_pred], obsm[KEY_proba]")
+    pred.add_argument("--layer", default=None, help="layer holding the counts (default: X)")
+    pred.add_argument("--key-added", default=None, help="prefix of the keys written (default: the label key)")
+    pred.add_argument("--batch-size", type=int, default=64)
+    pred.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    pred.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    pred.set_defaults(func=_cmd_predict)
+
+    demo = sub.add_parser("demo", help="annotation on scanpy's pbmc68k_reduced with the shipped default model")
+    demo.add_argument("--out", default="demo-report", help="report folder (default demo-report/)")
+    demo.add_argument("--model", default="default", help="model folder, or 'default' (shipped)")
+    demo.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument("--tokenizers", action="store_true", help="only show the three tokenizers on the data")
     demo.set_defaults(func=_cmd_demo)
     return parser
 

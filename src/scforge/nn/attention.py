@@ -23,21 +23,30 @@ from torch import nn
 from scforge.nn.packing import pack_padded, unpack_to_padded
 
 _HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
+# CPU inference: below this sequence length one padded call beats per-sequence calls (their fixed
+# cost dominates); above it the per-sequence flash kernel wins (padded + mask takes the math path)
+_CPU_PADDED_MAX_LEN = 256
 
 
 def varlen_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int | None = None,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """Attention within each packed sequence. ``q, k, v``: ``[T, H, dh]``; returns ``[T, H, dh]``."""
-    if q.is_cuda:
-        if _HAS_FLASH_ATTN and q.dtype in (torch.float16, torch.bfloat16):
+    """Attention within each packed sequence. ``q, k, v``: ``[T, H, dh]``; returns ``[T, H, dh]``.
+
+    CPU inference runs one SDPA call per sequence (no padded position is computed) for long
+    sequences, and one padded call for short ones (up to 256 tokens), where the per-call cost
+    dominates. When gradients or attention dropout are needed, one padded SDPA call over the batch is
+    faster on CPU than differentiating through per-sequence slices, so training takes that path."""
+    training = dropout_p > 0 or (torch.is_grad_enabled() and q.requires_grad)
+    longest = int(max_seqlen) if max_seqlen is not None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    if q.is_cuda or training or longest <= _CPU_PADDED_MAX_LEN:
+        if q.is_cuda and _HAS_FLASH_ATTN and q.dtype in (torch.float16, torch.bfloat16):
             from flash_attn import flash_attn_varlen_func
 
             cu = cu_seqlens.to(torch.int32)
-            m = int(max_seqlen or (cu_seqlens[1:] - cu_seqlens[:-1]).max())
-            return flash_attn_varlen_func(q, k, v, cu, cu, m, m, dropout_p=dropout_p)
-        # padded SDPA: the GPU kernels are efficient and the caller's batches are length-sorted
+            return flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, dropout_p=dropout_p)
+        # padded SDPA: one call for the batch (GPU kernels are efficient; batches are length-sorted)
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]
         qp, kp, vp = (unpack_to_padded(t, cu_seqlens).transpose(1, 2) for t in (q, k, v))
         keep = torch.arange(qp.shape[2], device=q.device)[None, :] < lengths[:, None]

@@ -1,0 +1,1 @@
+"""User verbs built on the models and the training engine: pretrain, annotate, ..."""

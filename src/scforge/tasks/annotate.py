@@ -1,0 +1,551 @@
+"""Cell-type annotation with scGPT: fine-tune the model with a classifier head, or fit a linear probe
+on its frozen cell embeddings; then predict, evaluate, save and load.
+
+>>> ann = fine_tune(model, adata, "cell_type", epochs=10)    # or linear_probe(model, adata, "cell_type")
+>>> proba = ann.predict(query)      # obs["cell_type_pred"], obsm["cell_type_proba"]
+>>> ann.evaluate(test).macro_f1
+>>> ann.save("annotator/"); ann = Annotator.load("annotator/")
+
+Fine-tuning follows scGPT's annotation tutorial: values normalised to 1e4, log1p, per-cell bins,
+``<cls>`` first with value 0, no masking, cross-entropy on the ``<cls>`` output. The caller's model
+is never changed: fine-tuning trains a copy with a new classifier sized to the labels.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import secrets
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from scforge.errors import CheckpointError, ConfigError, InputDataError
+from scforge.metrics import ClassificationReport, classification_metrics
+from scforge.models.scgpt import ScGPT, ScGPTModel
+from scforge.tokenize.ragged import TokenizedCells
+
+logger = logging.getLogger("scforge")
+
+MODES = ("fine_tune", "linear_probe")
+ANNOTATOR_FILE = "annotator.json"
+PROBE_FILE = "probe.npz"
+ANNOTATOR_FORMAT = 1
+_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+def _read_obs(adata: Any) -> pd.DataFrame:
+    """``obs`` of an AnnData, or of an ``.h5ad`` file (read backed; the matrix is not loaded)."""
+    if isinstance(adata, (str, os.PathLike)):
+        import anndata as ad
+
+        path = Path(adata)
+        if not path.is_file() or path.suffix != ".h5ad":
+            raise InputDataError(f"{str(adata)!r} is not an .h5ad file; pass an AnnData or an .h5ad path.")
+        backed = ad.read_h5ad(path, backed="r")
+        try:
+            return backed.obs.copy()
+        finally:
+            backed.file.close()
+    if not hasattr(adata, "obs"):
+        raise InputDataError(f"annotation needs an AnnData or an .h5ad path, got {type(adata).__name__}.")
+    return adata.obs
+
+
+def _label_column(obs: pd.DataFrame, label_key: str) -> pd.Series:
+    if label_key not in obs.columns:
+        shown = ", ".join(map(repr, list(obs.columns)[:15])) or "(none)"
+        raise InputDataError(f"obs has no column {label_key!r} with the labels. Columns present: {shown}.")
+    return obs[label_key]
+
+
+def _as_text(labels: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Labels as str (object array; None where missing) and the mask of present labels."""
+    present = ~labels.isna().to_numpy()
+    text = np.array([str(x) if ok else None for x, ok in zip(labels.to_numpy(dtype=object), present)], dtype=object)
+    return text, present
+
+
+def encode_labels(labels: pd.Series, label_key: str = "labels") -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Classes (sorted unique non-missing labels, as str), integer codes (-1 where missing) and the
+    indices of labelled cells. Raises :class:`ConfigError` with fewer than 2 classes."""
+    text, present = _as_text(labels)
+    classes = sorted(set(text[present]))
+    if len(classes) < 2:
+        raise ConfigError(f"obs[{label_key!r}] has {len(classes)} distinct label(s) {classes} among its "
+                          f"{int(present.sum())} labelled cells; a classifier needs at least 2 classes.")
+    lookup = {c: i for i, c in enumerate(classes)}
+    codes = np.array([lookup[t] if ok else -1 for t, ok in zip(text, present)], dtype=np.int64)
+    keep = np.flatnonzero(present)
+    dropped = int(text.size - keep.size)
+    if dropped:
+        logger.warning("obs[%r]: %d of %d cells have no label and are left out of training.", label_key, dropped,
+                       text.size)
+    return classes, codes, keep
+
+
+def _split(n: int, val_fraction: float, seed: int, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train/validation split (stratified where possible); every class keeps >= 1 training cell."""
+    from scforge.train import split_indices
+
+    if not 0 <= val_fraction < 1:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    try:
+        train, val = split_indices(n, val_fraction, seed, y)
+    except ValueError:  # stratification impossible (e.g. fewer validation cells than classes)
+        train, val = split_indices(n, val_fraction, seed, None)
+    missing = np.setdiff1d(np.unique(y), y[train])
+    if missing.size:
+        back = val[np.isin(y[val], missing)]
+        train, val = np.sort(np.concatenate([train, back])), np.setdiff1d(val, back)
+    return train, val
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, ScGPT):
+        raise ConfigError(f"annotation needs an scforge ScGPT model (scforge.load(...)), got {type(model).__name__}.")
+    c = model.config
+    if c.use_batch_labels or c.domain_spec_batchnorm:
+        raise ConfigError("this scGPT model needs batch labels (use_batch_labels / DSBN); annotation with batch "
+                          "labels is not supported yet.")
+
+
+def _check_nonempty(cells: TokenizedCells) -> None:
+    empty = np.flatnonzero(cells.lengths <= 1)
+    if empty.size:
+        names = [str(cells.obs_names[i]) for i in empty[:5]]
+        raise InputDataError(
+            f"{empty.size} of {cells.n_cells} cells express no gene of the model's vocabulary (e.g. {names}); "
+            "they cannot be annotated. Remove them first, e.g. sc.pp.filter_cells(adata, min_genes=1) after "
+            "restricting to matched genes."
+        )
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float | None]:
+    return {k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items()}
+
+
+def _tokenizer(vocab, settings: dict[str, Any]):
+    from scforge.tokenize import BinnedTokenizer
+
+    return BinnedTokenizer(vocab, n_bins=settings["n_bins"], normalize_total=settings["normalize_total"],
+                           log1p=settings["log1p"], cls_value=settings["cls_value"], max_len=settings["max_len"],
+                           seed=settings["seed"], pad_value=settings["pad_value"], mask_value=settings["mask_value"])
+
+
+def _probe_from_arrays(coef: np.ndarray, intercept: np.ndarray, C: float):
+    """A fitted LogisticRegression rebuilt from its coefficients (no pickle)."""
+    from sklearn.linear_model import LogisticRegression
+
+    clf = LogisticRegression(C=C)
+    clf.coef_ = np.asarray(coef, dtype=np.float64)
+    clf.intercept_ = np.asarray(intercept, dtype=np.float64)
+    n_classes = 2 if clf.coef_.shape[0] == 1 else clf.coef_.shape[0]
+    clf.classes_ = np.arange(n_classes)
+    clf.n_features_in_ = clf.coef_.shape[1]
+    return clf
+
+
+# ---- the annotator -----------------------------------------------------------------------------
+class Annotator:
+    """A trained cell-type classifier on an scGPT model.
+
+    ``mode``: ``"fine_tune"`` (``model`` is the fine-tuned ScGPT; its classifier head gives the
+    probabilities) or ``"linear_probe"`` (``model`` is the frozen base model; a logistic regression
+    on its L2-normalised embeddings gives them). ``classes``: the training labels (str), in the
+    order of the probability columns. ``metrics``: what training logged (``val/loss``, ...);
+    ``validation``: scores on the held-out cells (None without validation, or after :meth:`load`,
+    where :meth:`summary` still holds them)."""
+
+    def __init__(self, model: ScGPT, classes: Sequence[str], label_key: str, mode: str, *,
+                 settings: dict[str, Any], probe: Any = None, metrics: dict[str, float] | None = None,
+                 validation: ClassificationReport | None = None, info: dict[str, Any] | None = None) -> None:
+        if mode not in MODES:
+            raise ConfigError(f"mode={mode!r}; choose one of {MODES}.")
+        if mode == "linear_probe" and probe is None:
+            raise ConfigError("a linear_probe annotator needs its fitted probe.")
+        self.model = model
+        self.classes = [str(c) for c in classes]
+        self.label_key = label_key
+        self.mode = mode
+        self.settings = dict(settings)
+        self.probe = probe
+        self.metrics = dict(metrics or {})
+        self.validation = validation
+        self.info = dict(info or {})
+        if validation is not None:
+            self.info["validation"] = validation.to_dict()
+
+    def __repr__(self) -> str:
+        return (f"Annotator({self.mode}, {len(self.classes)} classes from obs[{self.label_key!r}], "
+                f"model {self.model.source or 'new'})")
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready description: mode, classes, cell counts, training metrics, validation scores."""
+        return {"mode": self.mode, "label_key": self.label_key, "classes": list(self.classes),
+                "n_train_cells": self.info.get("n_train_cells"), "n_val_cells": self.info.get("n_val_cells"),
+                "n_unlabelled": self.info.get("n_unlabelled"), "class_weights": self.info.get("class_weights"),
+                "metrics": _finite(self.metrics),
+                "validation": self.info.get("validation")}
+
+    # ---- prediction ----------------------------------------------------------------------------
+    def predict(self, adata: Any, *, layer: str | None = None, key_added: str | None = None, batch_size: int = 64,
+                progress: bool = True, device: str | torch.device = "auto", precision: str = "auto",
+                check_input: bool = True) -> pd.DataFrame:
+        """Class probabilities ``[cells, classes]`` (rows: obs names, columns: :attr:`classes`).
+
+        For an AnnData, adds (``KEY`` = ``key_added``, default the training ``label_key``):
+        ``obs[KEY_pred]`` (categorical over the training classes), ``obsm[KEY_proba]`` (float32
+        array), ``uns["scforge"][KEY_proba_classes]`` (its column names) and, when the AnnData has
+        the ``label_key`` column, ``obs[KEY_unseen]`` (True where the cell's label is not a
+        training class; such labels are logged as a warning). Nothing else of the AnnData changes;
+        an ``.h5ad`` path is read, not written."""
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        obs = _read_obs(adata)
+        proba = self._proba(adata, layer=layer, batch_size=batch_size, progress=progress, device=device,
+                            precision=precision, check_input=check_input)
+        if proba.shape[0] != len(obs):
+            raise InputDataError(f"{proba.shape[0]} predictions for {len(obs)} cells.")
+        if hasattr(adata, "obsm"):
+            self._write(adata, proba, key_added or self.label_key)
+        return pd.DataFrame(proba, index=pd.Index(obs.index, name=obs.index.name), columns=list(self.classes))
+
+    def evaluate(self, adata: Any, label_key: str | None = None, **predict_kwargs: Any) -> ClassificationReport:
+        """:meth:`predict`, then :meth:`score` against ``obs[label_key]`` (default: the training key)."""
+        key = label_key or self.label_key
+        truth = _label_column(_read_obs(adata), key)
+        proba = self.predict(adata, **predict_kwargs).to_numpy()
+        return self.score(truth, np.asarray(self.classes, dtype=object)[proba.argmax(1)])
+
+    def score(self, y_true: Sequence[Any] | pd.Series, y_pred: Sequence[Any] | pd.Series) -> ClassificationReport:
+        """Scores of predictions on the cells whose true label is a training class (unlabelled cells and
+        unseen labels are left out; :class:`InputDataError` when none is left)."""
+        text, present = _as_text(pd.Series(np.asarray(y_true, dtype=object)))
+        pred = np.asarray(y_pred, dtype=object).astype(str)
+        if pred.size != text.size:
+            raise InputDataError(f"{text.size} true labels but {pred.size} predictions.")
+        seen = present & np.isin(text, np.asarray(self.classes, dtype=object))
+        if not seen.any():
+            raise InputDataError(f"none of the {text.size} cells has a label among the {len(self.classes)} "
+                                 "training classes; nothing to score.")
+        if not seen.all():
+            logger.info("score: %d cells without a training-class label left out", int((~seen).sum()))
+        used = set(text[seen]) | set(pred[seen])
+        return classification_metrics(text[seen], pred[seen], labels=[c for c in self.classes if c in used])
+
+    def _proba(self, adata: Any, *, layer: str | None, batch_size: int, progress: bool, device: Any,
+               precision: str, check_input: bool) -> np.ndarray:
+        s = self.settings
+        if self.mode == "linear_probe":
+            emb = self.model.embed(adata, layer, batch_size=batch_size, key_added="", device=device,
+                                   precision=precision, max_length=s["max_length"], normalize=True, seed=s["seed"],
+                                   check_input=check_input, progress=progress)
+            return self.probe.predict_proba(emb.astype(np.float64)).astype(np.float32)
+        if check_input:
+            self.model._check_input(adata, layer, False)
+        cells = _tokenizer(self.model.vocab, s).tokenize(adata, layer=layer, progress=progress)
+        _check_nonempty(cells)
+        return self._proba_cells(cells, batch_size=batch_size, device=device, precision=precision, progress=progress)
+
+    def _proba_cells(self, cells: TokenizedCells, *, batch_size: int = 64, device: Any = "auto",
+                     precision: str = "auto", progress: bool = False) -> np.ndarray:
+        """Classifier probabilities of tokenized cells (fine-tune mode), batches of similar lengths."""
+        from tqdm.auto import tqdm
+
+        from scforge.nn import autocast, resolve_device, resolve_precision
+
+        dev = resolve_device(device)
+        dtype = resolve_precision(precision, dev)
+        module = self.model.module.to(dev).eval()
+        out = np.zeros((cells.n_cells, len(self.classes)), dtype=np.float32)
+        order = np.argsort(-cells.lengths, kind="stable")
+        batches = [order[i : i + batch_size] for i in range(0, order.size, batch_size)]
+        with torch.inference_mode(), autocast(dev, dtype):
+            for idx in tqdm(batches, desc="scGPT annotate", unit="batch", disable=not progress, leave=False):
+                b = cells.pack(idx)
+                values = b["values"].to(dev)
+                cu = b["cu_seqlens"].to(dev, torch.int64)
+                h = module.encode(b["genes"].to(dev), values, cu_seqlens=cu, max_seqlen=b["max_seqlen"])
+                logits = module.cls_decoder(module.cell_embedding(h, values, cu_seqlens=cu))
+                out[idx] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+        return out
+
+    def _write(self, adata: Any, proba: np.ndarray, key: str) -> None:
+        classes = np.asarray(self.classes, dtype=object)
+        adata.obs[f"{key}_pred"] = pd.Categorical(classes[proba.argmax(1)], categories=list(self.classes))
+        adata.obsm[f"{key}_proba"] = proba
+        adata.uns.setdefault("scforge", {})[f"{key}_proba_classes"] = list(self.classes)
+        if self.label_key in adata.obs.columns:
+            text, present = _as_text(adata.obs[self.label_key])
+            unseen = present & ~np.isin(text, classes)
+            adata.obs[f"{key}_unseen"] = unseen
+            if unseen.any():
+                names = sorted(set(text[unseen]))
+                logger.warning("%d cells have labels in obs[%r] that the annotator was not trained on: %s; their "
+                               "predictions can only be one of the training classes (obs[%r] marks them).",
+                               int(unseen.sum()), self.label_key, names, f"{key}_unseen")
+
+    # ---- persistence ---------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write a folder: the scforge model folder of :attr:`model` (fine-tuned, or the base model of a
+        linear probe), ``annotator.json`` (classes, label key, mode, tokenizer settings, metrics) and,
+        for a linear probe, ``probe.npz`` (coefficients; no pickles). Built aside, then renamed into place."""
+        path = Path(path)
+        if path.exists():
+            if not path.is_dir():
+                raise CheckpointError(f"'{path}' exists and is a file; choose a folder path for the annotator.")
+            if any(path.iterdir()):
+                if not overwrite:
+                    raise CheckpointError(f"'{path}' exists and is not empty; pass overwrite=True to replace a "
+                                          "saved annotator, or choose another path.")
+                if not (path / ANNOTATOR_FILE).is_file():
+                    raise CheckpointError(f"overwrite=True, but '{path}' is not an annotator folder (no "
+                                          f"{ANNOTATOR_FILE}); scforge only replaces its own folders.")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stage = path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}"
+        try:
+            self.model.save(stage)
+            meta: dict[str, Any] = {"scforge_annotator": ANNOTATOR_FORMAT, **self.summary(),
+                                    "settings": self.settings}
+            if self.mode == "linear_probe":
+                np.savez(stage / PROBE_FILE, coef=self.probe.coef_, intercept=self.probe.intercept_)
+                meta["probe"] = {"file": PROBE_FILE, "C": float(self.probe.C)}
+            (stage / ANNOTATOR_FILE).write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+            if path.exists() and not any(path.iterdir()):
+                path.rmdir()
+            if path.exists():
+                old = path.parent / f".{path.name}.old-{secrets.token_hex(4)}"
+                os.rename(path, old)
+                try:
+                    os.rename(stage, path)
+                except BaseException:
+                    os.rename(old, path)
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(stage, path)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Annotator:
+        """Read a folder written by :meth:`save` (the weights' checksum is verified)."""
+        path = Path(path)
+        file = path / ANNOTATOR_FILE
+        if not file.is_file():
+            raise CheckpointError(f"'{path}' is not an annotator folder: it has no {ANNOTATOR_FILE}. Write one "
+                                  "with Annotator.save() or `scforge finetune`.")
+        try:
+            meta = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"'{file}' is not valid JSON ({exc}); the annotator folder is damaged.") from None
+        if not isinstance(meta, dict) or meta.get("scforge_annotator") != ANNOTATOR_FORMAT:
+            raise CheckpointError(f"'{file}' is not an annotator file of format {ANNOTATOR_FORMAT}.")
+        missing = [k for k in ("mode", "label_key", "classes", "settings") if k not in meta]
+        if missing or meta["mode"] not in MODES:
+            raise CheckpointError(f"'{file}' lacks {missing} or has an unknown mode; the folder is damaged.")
+        model = ScGPT.from_folder(path)
+        probe = None
+        if meta["mode"] == "linear_probe":
+            try:
+                with np.load(path / PROBE_FILE, allow_pickle=False) as arrays:
+                    coef, intercept = arrays["coef"], arrays["intercept"]
+            except (OSError, KeyError, ValueError) as exc:
+                raise CheckpointError(f"cannot read the probe '{path / PROBE_FILE}': {exc}.") from None
+            n_classes = len(meta["classes"])
+            if coef.shape[0] != (1 if n_classes == 2 else n_classes) or coef.shape[1] != model.config.d_model:
+                raise CheckpointError(f"'{path / PROBE_FILE}' has coefficients {coef.shape} for {n_classes} classes "
+                                      f"and {model.config.d_model}-d embeddings; the folder is damaged.")
+            probe = _probe_from_arrays(coef, intercept, float(meta.get("probe", {}).get("C", 1.0)))
+        elif model.config.n_cls != len(meta["classes"]):
+            raise CheckpointError(f"'{path}': the classifier has {model.config.n_cls} outputs but "
+                                  f"{ANNOTATOR_FILE} lists {len(meta['classes'])} classes; the folder is damaged.")
+        info = {k: meta.get(k) for k in ("n_train_cells", "n_val_cells", "n_unlabelled", "class_weights",
+                                         "validation")}
+        metrics = {k: float("nan") if v is None else float(v) for k, v in (meta.get("metrics") or {}).items()}
+        return cls(model, meta["classes"], meta["label_key"], meta["mode"], settings=meta["settings"], probe=probe,
+                   metrics=metrics, info=info)
+
+
+# ---- training ----------------------------------------------------------------------------------
+def _classifier_copy(model: ScGPT, n_classes: int, seed: int, source: str) -> ScGPTModel:
+    """A new ScGPTModel with ``model``'s backbone weights and a fresh ``n_classes`` classifier."""
+    from scforge.models.scgpt.checkpoint import load_state_into
+
+    config = dataclasses.replace(model.config, n_cls=n_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = ScGPTModel(config)
+    state = {k: v for k, v in model.module.state_dict().items() if not k.startswith("cls_decoder.")}
+    load_state_into(module, state, source=source, strict_heads=False)
+    return module
+
+
+def _check_training_args(epochs: int, batch_size: int, lr: float, precision: str) -> None:
+    if epochs < 1:
+        raise ConfigError(f"epochs must be >= 1, got {epochs}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if not lr > 0:
+        raise ConfigError(f"lr must be > 0, got {lr}")
+    if precision not in _PRECISIONS:
+        raise ConfigError(f"precision={precision!r}; choose one of {_PRECISIONS}.")
+
+
+def _validation_report(classes: list[str], y_true: np.ndarray, proba: np.ndarray) -> ClassificationReport:
+    names = np.asarray(classes, dtype=object)
+    t, p = names[y_true], names[proba.argmax(1)]
+    used = set(t) | set(p)
+    return classification_metrics(t, p, labels=[c for c in classes if c in used])
+
+
+def fine_tune(
+    model: ScGPT,
+    adata: Any,
+    label_key: str,
+    *,
+    layer: str | None = None,
+    epochs: int = 10,
+    batch_size: int = 32,
+    lr: float = 1e-4,
+    max_length: int | None = None,
+    val_fraction: float = 0.1,
+    class_weights: bool = False,
+    freeze: Sequence[str] = (),
+    seed: int = 0,
+    precision: str = "auto",
+    progress: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
+    log_dir: str | os.PathLike | None = None,
+    check_input: bool = True,
+) -> Annotator:
+    """Fine-tune a copy of ``model`` to classify ``obs[label_key]`` (scGPT's annotation recipe).
+
+    Classes are the sorted distinct labels; unlabelled cells are left out (and logged). The copy
+    gets a new classifier with one output per class; the backbone starts from ``model``'s weights
+    (``freeze``: parameter-name prefixes kept fixed, e.g. ``("encoder.", "value_encoder.")``).
+    Input: raw counts (``layer``), normalised to 1e4, log1p, binned, ``<cls>`` value 0, at most
+    ``max_length`` tokens (default the model's ``max_seq_len``). AdamW at ``lr`` with 10% warmup
+    then cosine decay; ``val_fraction`` of the cells (stratified, seeded) are held out and the
+    best epoch by validation loss is kept when ``checkpoint_dir`` is given. ``class_weights=True``
+    weights the loss by inverse class frequency (mean 1). ``adata``: AnnData or ``.h5ad`` path;
+    it is not modified."""
+    from scforge.train import Corruption, Objectives, OptimConfig, TrainConfig, fit
+
+    _check_model(model)
+    _check_training_args(epochs, batch_size, lr, precision)
+    freeze = (freeze,) if isinstance(freeze, str) else tuple(freeze)
+    names = [n for n, _ in model.module.named_parameters()]
+    unmatched = [f for f in freeze if not any(n.startswith(f) for n in names)]
+    if unmatched:
+        raise ConfigError(f"freeze prefixes {unmatched} match no parameter; parameter names start with "
+                          f"{sorted({n.split('.')[0] + '.' for n in names})}.")
+    length = max_length or model.config.max_seq_len
+    if length < 2:
+        raise ConfigError(f"max_length must be >= 2 (<cls> plus one gene), got {length}")
+    classes, codes, keep = encode_labels(_label_column(_read_obs(adata), label_key), label_key)
+    if check_input:
+        model._check_input(adata, layer, False)
+    c = model.config
+    settings = {"n_bins": c.n_bins, "normalize_total": 1e4, "log1p": True, "cls_value": 0.0, "max_len": int(length),
+                "seed": int(seed), "pad_value": c.pad_value, "mask_value": c.mask_value}
+    cells = _tokenizer(model.vocab, settings).tokenize(adata, layer=layer, progress=progress)
+    cells, y = cells.select(keep), codes[keep]
+    _check_nonempty(cells)
+    train_idx, val_idx = _split(cells.n_cells, val_fraction, seed, y)
+    weights = None
+    if class_weights:
+        inv = 1.0 / np.bincount(y, minlength=len(classes)).astype(np.float64)
+        weights = tuple(float(w) for w in inv / inv.mean())
+    source = f"{model.source or 'a new scGPT'}, fine-tuned on obs[{label_key!r}]"
+    module = _classifier_copy(model, len(classes), seed, source)
+    total_steps = epochs * math.ceil(train_idx.size / batch_size)
+    result = fit(
+        module, cells,
+        objectives=Objectives(gep=False, cls=True, class_weights=weights),
+        corruption=Corruption("none"),
+        optim=OptimConfig(lr=lr, warmup_steps=max(1, round(0.1 * total_steps)), schedule="cosine", freeze=freeze),
+        config=TrainConfig(max_epochs=epochs, batch_size=batch_size, val_fraction=val_fraction, seed=seed,
+                           precision=precision, progress=progress,
+                           checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
+                           log_dir=None if log_dir is None else str(log_dir)),
+        labels=y, val_idx=val_idx,
+    )
+    trained = result.module.model.eval()
+    for p in trained.parameters():
+        p.requires_grad_(True)
+    tuned = ScGPT(trained, copy.deepcopy(model.vocab), source=source)
+    info = {"n_train_cells": int(train_idx.size), "n_val_cells": int(val_idx.size),
+            "n_unlabelled": int(codes.size - keep.size), "class_weights": None if weights is None else list(weights)}
+    annotator = Annotator(tuned, classes, label_key, "fine_tune", settings=settings, metrics=result.metrics, info=info)
+    if val_idx.size:
+        proba = annotator._proba_cells(cells.select(val_idx), precision=precision)
+        annotator.validation = _validation_report(classes, y[val_idx], proba)
+        annotator.info["validation"] = annotator.validation.to_dict()
+        logger.info("fine_tune validation: %s", annotator.validation)
+    return annotator
+
+
+def linear_probe(
+    model: ScGPT,
+    adata: Any,
+    label_key: str,
+    *,
+    layer: str | None = None,
+    C: float = 1.0,  # noqa: N803 - scikit-learn's name
+    max_iter: int = 1000,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    batch_size: int = 64,
+    max_length: int | None = None,
+    progress: bool = True,
+    device: str | torch.device = "auto",
+    precision: str = "auto",
+    check_input: bool = True,
+) -> Annotator:
+    """Logistic regression (lbfgs, multinomial) on ``model``'s frozen, L2-normalised cell embeddings.
+
+    Embeddings come from :meth:`ScGPT.embed` (nothing is written to ``adata``); unlabelled cells
+    are left out. ``val_fraction`` of the labelled cells (stratified, seeded) are held out for
+    :attr:`Annotator.validation`. The annotator keeps a reference to ``model`` (not a copy)."""
+    from sklearn.linear_model import LogisticRegression
+
+    _check_model(model)
+    if not C > 0:
+        raise ConfigError(f"C must be > 0, got {C}")
+    if max_iter < 1:
+        raise ConfigError(f"max_iter must be >= 1, got {max_iter}")
+    classes, codes, keep = encode_labels(_label_column(_read_obs(adata), label_key), label_key)
+    subset = hasattr(adata, "obs") and keep.size < codes.size
+    emb = model.embed(adata[keep] if subset else adata, layer, batch_size=batch_size, key_added="", device=device,
+                      precision=precision, max_length=max_length, normalize=True, seed=seed,
+                      check_input=check_input, progress=progress)
+    if not subset and keep.size < codes.size:
+        emb = emb[keep]
+    x, y = emb.astype(np.float64), codes[keep]
+    train_idx, val_idx = _split(y.size, val_fraction, seed, y)
+    clf = LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter, random_state=seed).fit(x[train_idx], y[train_idx])
+    settings = {"max_length": max_length, "seed": int(seed)}
+    info = {"n_train_cells": int(train_idx.size), "n_val_cells": int(val_idx.size),
+            "n_unlabelled": int(codes.size - keep.size)}
+    metrics = {"train/accuracy": float(clf.score(x[train_idx], y[train_idx]))}
+    validation = None
+    if val_idx.size:
+        validation = _validation_report(classes, y[val_idx], clf.predict_proba(x[val_idx]))
+        metrics["val/accuracy"] = validation.accuracy
+        logger.info("linear_probe validation: %s", validation)
+    return Annotator(model, classes, label_key, "linear_probe", settings=settings, probe=clf, metrics=metrics,
+                     validation=validation, info=info)
