@@ -135,9 +135,14 @@ class ScGPTTrainingModule(L.LightningModule):
             raise ConfigError("every parameter is frozen; nothing to train")
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.optim.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}],
-                                lr=self.optim.lr, betas=self.optim.betas, eps=self.optim.eps)
+        groups = [{"params": decay, "weight_decay": self.optim.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        # the fused kernel (CPU and CUDA) updates all parameters in one pass: several times faster
+        # than the per-tensor loop, same update rule
+        fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16,
+                                                                     torch.float16) for p in params)
+        opt = torch.optim.AdamW(groups, lr=self.optim.lr, betas=self.optim.betas, eps=self.optim.eps,
+                                fused=fused or None)
         total = self.total_steps or int(self.trainer.estimated_stepping_batches)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, total, self.optim))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
