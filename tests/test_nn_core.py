@@ -136,3 +136,24 @@ def test_varlen_long_and_short_paths_agree():
         finally:
             attention._CPU_PADDED_MAX_LEN = old
     assert torch.allclose(looped, padded, atol=1e-5)
+
+
+def test_varlen_gradients_match_between_paths():
+    import scforge.nn.attention as attention
+
+    torch.manual_seed(6)
+    lengths = torch.tensor([300, 40, 270])
+    cu = cu_seqlens_from_lengths(lengths)
+    base = [torch.randn(int(lengths.sum()), 2, 8) for _ in range(3)]
+    grads = []
+    for limit in (attention._CPU_PADDED_MAX_LEN, 10_000):  # per-sequence, then forced padded
+        old = attention._CPU_PADDED_MAX_LEN
+        attention._CPU_PADDED_MAX_LEN = limit
+        try:
+            q, k, v = (t.clone().requires_grad_() for t in base)
+            varlen_attention(q, k, v, cu).square().sum().backward()
+        finally:
+            attention._CPU_PADDED_MAX_LEN = old
+        grads.append([t.grad for t in (q, k, v)])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-4)

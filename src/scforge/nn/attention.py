@@ -23,8 +23,8 @@ from torch import nn
 from scforge.nn.packing import pack_padded, unpack_to_padded
 
 _HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
-# CPU inference: below this sequence length one padded call beats per-sequence calls (their fixed
-# cost dominates); above it the per-sequence flash kernel wins (padded + mask takes the math path)
+# CPU: below this sequence length one padded call beats per-sequence calls (their fixed cost
+# dominates); above it per-sequence calls win (padded + mask takes the math path over [B, H, L, L])
 _CPU_PADDED_MAX_LEN = 256
 
 
@@ -34,13 +34,12 @@ def varlen_attention(
 ) -> torch.Tensor:
     """Attention within each packed sequence. ``q, k, v``: ``[T, H, dh]``; returns ``[T, H, dh]``.
 
-    CPU inference runs one SDPA call per sequence (no padded position is computed) for long
-    sequences, and one padded call for short ones (up to 256 tokens), where the per-call cost
-    dominates. When gradients or attention dropout are needed, one padded SDPA call over the batch is
-    faster on CPU than differentiating through per-sequence slices, so training takes that path."""
-    training = dropout_p > 0 or (torch.is_grad_enabled() and q.requires_grad)
+    On CPU, batches whose longest sequence exceeds 256 tokens run one SDPA call per sequence (no
+    padded position is computed; in training this also avoids the padded [B, H, L, L] scores that
+    attention dropout forces), and shorter ones run one padded call, where per-call costs dominate.
+    GPUs take flash-attn's varlen kernel when installed, else one padded call."""
     longest = int(max_seqlen) if max_seqlen is not None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    if q.is_cuda or training or longest <= _CPU_PADDED_MAX_LEN:
+    if q.is_cuda or longest <= _CPU_PADDED_MAX_LEN:
         if q.is_cuda and _HAS_FLASH_ATTN and q.dtype in (torch.float16, torch.bfloat16):
             from flash_attn import flash_attn_varlen_func
 
@@ -52,14 +51,14 @@ def varlen_attention(
         keep = torch.arange(qp.shape[2], device=q.device)[None, :] < lengths[:, None]
         out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=keep[:, None, None, :], dropout_p=dropout_p)
         return pack_padded(out.transpose(1, 2), ~keep)[0]
-    out = torch.empty_like(q)
+    parts = []  # concatenated, not written into slices: differentiating slice writes copies the whole output
     bounds = cu_seqlens.tolist()
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         if hi == lo:
             continue
         qs, ks, vs = (t[lo:hi].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-        out[lo:hi] = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout_p)[0].transpose(0, 1)
-    return out
+        parts.append(F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout_p)[0].transpose(0, 1))
+    return torch.cat(parts) if parts else q.new_zeros(q.shape)
 
 
 class SelfAttention(nn.Module):
