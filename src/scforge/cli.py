@@ -96,11 +96,8 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_embed(args: argparse.Namespace) -> int:
-    import anndata as ad
-
-    import scforge
-
+def _h5ad_in_out(args: argparse.Namespace) -> tuple[Path, Path]:
+    """The input .h5ad and a new output .h5ad path (never the input; replaced only with --overwrite)."""
     data, out = Path(args.data), Path(args.out)
     if not data.is_file() or data.suffix != ".h5ad":
         raise ScforgeError(f"Data file {args.data!r} not found or not an .h5ad file.")
@@ -110,6 +107,22 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         raise ScforgeError("--out is the input file; scforge never overwrites your data. Choose another path.")
     if out.exists() and not args.overwrite:
         raise ScforgeError(f"{args.out} exists; pass --overwrite to replace it.")
+    return data, out
+
+
+def _write_h5ad(adata: Any, out: Path) -> None:
+    """Write through a .partial file renamed into place, so ``out`` is never half-written."""
+    tmp = out.with_name(out.name + ".partial")
+    adata.write_h5ad(tmp)
+    tmp.replace(out)
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    import anndata as ad
+
+    import scforge
+
+    data, out = _h5ad_in_out(args)
     model = scforge.load(args.model)
     adata = ad.read_h5ad(data)
     emb = model.embed(
@@ -117,9 +130,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         precision=args.precision, max_length=args.max_length, normalize=not args.no_normalize, seed=args.seed,
         gene_col=args.gene_col, use_raw=args.use_raw, progress=not args.no_progress,
     )
-    tmp = out.with_name(out.name + ".partial")
-    adata.write_h5ad(tmp)
-    tmp.replace(out)
+    _write_h5ad(adata, out)
     print(json.dumps({"cells": int(emb.shape[0]), "dim": int(emb.shape[1]), "key": f"obsm[{args.key_added!r}]",
                       "written": str(out)}, indent=2))
     return 0
@@ -186,15 +197,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from scforge.errors import InputDataError
     from scforge.tasks.annotate import Annotator
 
-    data, out = Path(args.data), Path(args.out)
-    if not data.is_file() or data.suffix != ".h5ad":
-        raise ScforgeError(f"Data file {args.data!r} not found or not an .h5ad file.")
-    if out.suffix != ".h5ad":
-        raise ScforgeError(f"--out {args.out!r} must end in .h5ad.")
-    if out.exists() and out.resolve() == data.resolve():
-        raise ScforgeError("--out is the input file; scforge never overwrites your data. Choose another path.")
-    if out.exists() and not args.overwrite:
-        raise ScforgeError(f"{args.out} exists; pass --overwrite to replace it.")
+    data, out = _h5ad_in_out(args)
     annotator = Annotator.load(args.model)
     adata = ad.read_h5ad(data)
     key = args.key_added or annotator.label_key
@@ -212,9 +215,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     counts = adata.obs[f"{key}_pred"].value_counts()
     summary["predicted"] = {str(k): int(v) for k, v in counts.items()}
     summary["keys"] = {"obs": f"{key}_pred", "obsm": f"{key}_proba"}
-    tmp = out.with_name(out.name + ".partial")
-    adata.write_h5ad(tmp)
-    tmp.replace(out)
+    _write_h5ad(adata, out)
     summary["written"] = str(out)
     print(json.dumps(summary, indent=2))
     return 0

@@ -10,10 +10,11 @@
 from __future__ import annotations
 
 from scforge.hub.detect import detect_format, scgpt_files
-from scforge.hub.folder import ModelFolder, load_model_folder, save_model_folder, sha256_file
+from scforge.hub.folder import ModelFolder, load_model_folder, replace_folder, save_model_folder, sha256_file
 from scforge.hub.safe_load import safe_torch_load
 
 __all__ = [
+    "replace_folder",
     "safe_torch_load",
     "save_model_folder",
     "load_model_folder",

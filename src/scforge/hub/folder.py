@@ -243,17 +243,27 @@ def _check_target(path: Path, overwrite: bool) -> None:
 def _move_into_place(tmp: Path, path: Path, overwrite: bool) -> None:
     if path.is_dir() and not any(path.iterdir()):
         path.rmdir()
+    if path.exists():
+        _check_target(path, overwrite)  # it may have changed since the first check
+    try:
+        replace_folder(tmp, path)
+    except OSError as exc:
+        raise CheckpointError(f"Cannot move the new model folder into '{path}': {exc}.") from exc
+
+
+def replace_folder(staged: Path, path: Path) -> None:
+    """Move the fully written folder ``staged`` to ``path`` by renames (same file system), so ``path``
+    is never half-written. An existing ``path`` (the caller has checked it may be replaced) is moved
+    aside first, put back if the move fails, and deleted after. An empty ``path`` is simply replaced."""
+    if path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
     if not path.exists():
-        try:
-            os.rename(tmp, path)
-        except OSError as exc:
-            raise CheckpointError(f"Cannot move the new model folder into '{path}': {exc}.") from exc
+        os.rename(staged, path)
         return
-    _check_target(path, overwrite)  # it may have changed since the first check
     old = path.parent / f".{path.name}.old-{secrets.token_hex(4)}"
     os.rename(path, old)
     try:
-        os.rename(tmp, path)
+        os.rename(staged, path)
     except BaseException:
         os.rename(old, path)
         raise

@@ -30,8 +30,10 @@ import pandas as pd
 import torch
 
 from scforge.errors import CheckpointError, ConfigError, InputDataError
+from scforge.hub import replace_folder
 from scforge.metrics import ClassificationReport, classification_metrics
 from scforge.models.scgpt import ScGPT, ScGPTModel
+from scforge.models.scgpt.api import require_expressed_cells
 from scforge.tokenize.ragged import TokenizedCells
 
 logger = logging.getLogger("scforge")
@@ -121,14 +123,7 @@ def _check_model(model: Any) -> None:
 
 
 def _check_nonempty(cells: TokenizedCells) -> None:
-    empty = np.flatnonzero(cells.lengths <= 1)
-    if empty.size:
-        names = [str(cells.obs_names[i]) for i in empty[:5]]
-        raise InputDataError(
-            f"{empty.size} of {cells.n_cells} cells express no gene of the model's vocabulary (e.g. {names}); "
-            "they cannot be annotated. Remove them first, e.g. sc.pp.filter_cells(adata, min_genes=1) after "
-            "restricting to matched genes."
-        )
+    require_expressed_cells(cells, "they cannot be annotated")
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, float | None]:
@@ -322,19 +317,7 @@ class Annotator:
                 np.savez(stage / PROBE_FILE, coef=self.probe.coef_, intercept=self.probe.intercept_)
                 meta["probe"] = {"file": PROBE_FILE, "C": float(self.probe.C)}
             (stage / ANNOTATOR_FILE).write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-            if path.exists() and not any(path.iterdir()):
-                path.rmdir()
-            if path.exists():
-                old = path.parent / f".{path.name}.old-{secrets.token_hex(4)}"
-                os.rename(path, old)
-                try:
-                    os.rename(stage, path)
-                except BaseException:
-                    os.rename(old, path)
-                    raise
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(stage, path)
+            replace_folder(stage, path)
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,18 @@ from scforge.nn import autocast, resolve_device, resolve_precision
 
 logger = logging.getLogger("scforge")
 FAMILY = "scgpt"
+
+
+def require_expressed_cells(cells, consequence: str) -> None:
+    """Raise when a tokenized cell holds only ``<cls>`` (no gene of the vocabulary is expressed)."""
+    empty = np.flatnonzero(cells.lengths <= 1)
+    if empty.size:
+        names = [str(cells.obs_names[i]) for i in empty[:5]]
+        raise InputDataError(
+            f"{empty.size} of {cells.n_cells} cells express no gene of the model's vocabulary (e.g. {names}); "
+            f"{consequence}. Remove them first, e.g. sc.pp.filter_cells(adata, min_genes=1) after "
+            "restricting to matched genes."
+        )
 
 
 class ScGPT:
@@ -272,15 +285,8 @@ class ScGPT:
             self._check_input(adata, layer, use_raw)
         tok = self.tokenizer(max_length=max_length, seed=seed)
         cells = tok.tokenize(adata, layer=layer, gene_col=gene_col, use_raw=use_raw)
+        require_expressed_cells(cells, "their embedding would be meaningless")
         lengths = cells.lengths
-        empty = np.flatnonzero(lengths <= 1)
-        if empty.size:
-            names = [str(cells.obs_names[i]) for i in empty[:5]]
-            raise InputDataError(
-                f"{empty.size} of {cells.n_cells} cells express no gene of the model's vocabulary (e.g. {names}); "
-                "their embedding would be meaningless. Remove them first, e.g. "
-                "sc.pp.filter_cells(adata, min_genes=1) after restricting to matched genes."
-            )
         dev = resolve_device(device)
         dtype = resolve_precision(precision, dev)
         module = self.module.to(dev).eval()
@@ -289,7 +295,8 @@ class ScGPT:
         ctx = None
         if wanted is not None:
             ctx = np.full((cells.n_cells, len(wanted), d), np.nan, dtype=np.float32)
-            column_of = {int(t): j for j, t in enumerate(wanted)}
+            order = np.argsort(np.asarray(wanted, dtype=np.int64), kind="stable")
+            lookup = SimpleNamespace(sorted_ids=np.asarray(wanted, dtype=np.int64)[order], order=order)
         order = np.argsort(-lengths, kind="stable")  # similar lengths together
         batches = [order[i : i + batch_size] for i in range(0, order.size, batch_size)]
         with torch.inference_mode(), autocast(dev, dtype):
@@ -301,17 +308,16 @@ class ScGPT:
                 h = module.encode(genes, values, cu_seqlens=cu, max_seqlen=b["max_seqlen"])
                 emb[idx] = module.cell_embedding(h, values, cu_seqlens=cu).float().cpu().numpy()
                 if ctx is not None:
-                    self._collect(ctx, column_of, idx, b["genes"].numpy(), b["cu_seqlens"].numpy(), h)
+                    self._collect(ctx, lookup, idx, b["genes"].numpy(), b["cu_seqlens"].numpy(), h)
         logger.info("scGPT embed: %d cells, %d tokens, device %s, %s", cells.n_cells, cells.n_tokens, dev, dtype)
         return emb, ctx
 
     @staticmethod
-    def _collect(ctx, column_of, idx, genes, cu, h) -> None:
-        hv = None
-        for row, (lo, hi) in enumerate(zip(cu[:-1], cu[1:])):
-            for pos in range(lo, hi):
-                j = column_of.get(int(genes[pos]))
-                if j is not None:
-                    if hv is None:
-                        hv = h.float().cpu().numpy()
-                    ctx[idx[row], j] = hv[pos]
+    def _collect(ctx, wanted, idx, genes, cu, h) -> None:
+        """Copy the outputs at the wanted genes' tokens into ``ctx[cell, gene]`` (vectorized)."""
+        column = np.searchsorted(wanted.sorted_ids, genes)
+        column = np.minimum(column, wanted.sorted_ids.size - 1)
+        hit = np.flatnonzero(wanted.sorted_ids[column] == genes)
+        if hit.size:
+            rows = np.repeat(idx, np.diff(cu))[hit]
+            ctx[rows, wanted.order[column[hit]]] = h[torch.as_tensor(hit)].float().cpu().numpy()

@@ -44,16 +44,11 @@ class ContinuousValueEncoder(nn.Module):
         return self.dropout(self.norm(self.linear2(self.activation(self.linear1(x)))))
 
 
-class CategoryValueEncoder(nn.Module):
+class CategoryValueEncoder(GeneEncoder):
     """Bin id embedding + LayerNorm (``input_emb_style="category"``)."""
 
-    def __init__(self, n_input_bins: int, d_model: int, padding_idx: int | None = None) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(n_input_bins, d_model, padding_idx=padding_idx)
-        self.enc_norm = nn.LayerNorm(d_model)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.enc_norm(self.embedding(x.long()))
+        return super().forward(x.long())
 
 
 class DomainSpecificBatchNorm1d(nn.Module):
