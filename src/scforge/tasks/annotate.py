@@ -1,27 +1,28 @@
-"""Cell-type annotation with scGPT: fine-tune the model with a classifier head, or fit a linear probe
-on its frozen cell embeddings; then predict, evaluate, save and load.
+"""Cell-type annotation with any scforge model family: fine-tune a copy of the model with a classifier
+head, or fit a linear probe on its frozen cell embeddings; then predict, evaluate, save and load.
 
 >>> ann = fine_tune(model, adata, "cell_type", epochs=10)    # or linear_probe(model, adata, "cell_type")
 >>> proba = ann.predict(query)      # obs["cell_type_pred"], obsm["cell_type_proba"]
 >>> ann.evaluate(test).macro_f1
 >>> ann.save("annotator/"); ann = Annotator.load("annotator/")
 
-Fine-tuning follows scGPT's annotation tutorial: values normalised to 1e4, log1p, per-cell bins,
-``<cls>`` first with value 0, no masking, cross-entropy on the ``<cls>`` output. The caller's model
-is never changed: fine-tuning trains a copy with a new classifier sized to the labels.
+A family takes part through its :class:`AnnotationBackend` (``model.annotation_backend()``): how it
+tokenizes cells for classification, builds a copy with a fresh classification head, trains it on
+the shared engine and scores cells. scGPT follows its annotation tutorial (values normalised to
+1e4, log1p, per-cell bins, ``<cls>`` first, cross-entropy on the ``<cls>`` output); see each
+family's backend for its recipe. The caller's model is never changed.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
 import logging
 import math
 import os
 import secrets
 import shutil
-from collections.abc import Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +33,7 @@ import torch
 from scforge.errors import CheckpointError, ConfigError, InputDataError
 from scforge.hub import replace_folder
 from scforge.metrics import ClassificationReport, classification_metrics
-from scforge.models.scgpt import ScGPT, ScGPTModel
-from scforge.models.scgpt.api import require_expressed_cells
-from scforge.tokenize.ragged import TokenizedCells
+from scforge.tokenize.ragged import TokenizedCells, require_expressed_cells
 
 logger = logging.getLogger("scforge")
 
@@ -43,6 +42,72 @@ ANNOTATOR_FILE = "annotator.json"
 PROBE_FILE = "probe.npz"
 ANNOTATOR_FORMAT = 1
 _PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+# ---- what a family provides ---------------------------------------------------------------------
+class AnnotationBackend(ABC):
+    """What annotation needs from a model family, bound to one model object (:attr:`model`, the
+    family's user class, e.g. :class:`~scforge.models.scgpt.ScGPT`); returned by
+    ``model.annotation_backend()``."""
+
+    family: str = ""
+    n_special: int = 0  # special tokens in every tokenized cell (a cell with no more has no gene)
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    @property
+    @abstractmethod
+    def embedding_dim(self) -> int:
+        """Width of the cell embeddings :meth:`embed` returns."""
+
+    @property
+    @abstractmethod
+    def n_classes(self) -> int | None:
+        """Outputs of the model's classification head (None without one)."""
+
+    @abstractmethod
+    def settings(self, max_length: int | None, seed: int) -> dict[str, Any]:
+        """JSON-ready tokenizer settings for classification (stored with the annotator)."""
+
+    @abstractmethod
+    def check_input(self, adata: Any, layer: str | None) -> None:
+        """Raise a clear scforge error when the data cannot be used (e.g. log data where counts are due)."""
+
+    @abstractmethod
+    def tokenize(self, adata: Any, layer: str | None, settings: dict[str, Any], progress: bool) -> TokenizedCells:
+        """Tokenize cells as :meth:`settings` says."""
+
+    @abstractmethod
+    def classifier_copy(self, n_classes: int, seed: int, source: str) -> Any:
+        """A new model object: the backbone weights copied, a fresh ``n_classes`` head (seeded)."""
+
+    @abstractmethod
+    def training_module(self, optim: Any, class_weights: tuple[float, ...] | None) -> Any:
+        """A :class:`~scforge.train.TrainingModule` training this model's classifier on ``batch["labels"]``."""
+
+    @abstractmethod
+    def collate(self, cells: TokenizedCells, labels: np.ndarray, seed: int) -> Callable[[list[tuple[int, int]]], dict]:
+        """Collate function for :func:`~scforge.train.fit_module` (no input corruption)."""
+
+    @abstractmethod
+    def proba(self, cells: TokenizedCells, *, batch_size: int = 64, device: Any = "auto", precision: str = "auto",
+              progress: bool = False) -> np.ndarray:
+        """Class probabilities ``[cells, n_classes]`` from the classification head."""
+
+    @abstractmethod
+    def embed(self, adata: Any, layer: str | None, *, batch_size: int = 64, device: Any = "auto",
+              precision: str = "auto", max_length: int | None = None, seed: int = 0, check_input: bool = True,
+              progress: bool = True) -> np.ndarray:
+        """Frozen cell embeddings ``[cells, embedding_dim]`` in input order (nothing written to ``adata``)."""
+
+
+def backend_of(model: Any) -> AnnotationBackend:
+    """The annotation backend of a model object, or a clear error for anything else."""
+    make = getattr(model, "annotation_backend", None)
+    if make is None:
+        raise ConfigError(f"annotation needs an scforge model (scforge.load(...)), got {type(model).__name__}.")
+    return make()
 
 
 # ---- helpers -----------------------------------------------------------------------------------
@@ -113,29 +178,12 @@ def _split(n: int, val_fraction: float, seed: int, y: np.ndarray) -> tuple[np.nd
     return train, val
 
 
-def _check_model(model: Any) -> None:
-    if not isinstance(model, ScGPT):
-        raise ConfigError(f"annotation needs an scforge ScGPT model (scforge.load(...)), got {type(model).__name__}.")
-    c = model.config
-    if c.use_batch_labels or c.domain_spec_batchnorm:
-        raise ConfigError("this scGPT model needs batch labels (use_batch_labels / DSBN); annotation with batch "
-                          "labels is not supported yet.")
-
-
-def _check_nonempty(cells: TokenizedCells) -> None:
-    require_expressed_cells(cells, "they cannot be annotated")
+def _check_nonempty(cells: TokenizedCells, backend: AnnotationBackend) -> None:
+    require_expressed_cells(cells, "they cannot be annotated", n_special=backend.n_special)
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, float | None]:
     return {k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items()}
-
-
-def _tokenizer(vocab, settings: dict[str, Any]):
-    from scforge.tokenize import BinnedTokenizer
-
-    return BinnedTokenizer(vocab, n_bins=settings["n_bins"], normalize_total=settings["normalize_total"],
-                           log1p=settings["log1p"], cls_value=settings["cls_value"], max_len=settings["max_len"],
-                           seed=settings["seed"], pad_value=settings["pad_value"], mask_value=settings["mask_value"])
 
 
 def _probe_from_arrays(coef: np.ndarray, intercept: np.ndarray, C: float):
@@ -153,16 +201,16 @@ def _probe_from_arrays(coef: np.ndarray, intercept: np.ndarray, C: float):
 
 # ---- the annotator -----------------------------------------------------------------------------
 class Annotator:
-    """A trained cell-type classifier on an scGPT model.
+    """A trained cell-type classifier on an scforge model of any family.
 
-    ``mode``: ``"fine_tune"`` (``model`` is the fine-tuned ScGPT; its classifier head gives the
+    ``mode``: ``"fine_tune"`` (``model`` is the fine-tuned model; its classifier head gives the
     probabilities) or ``"linear_probe"`` (``model`` is the frozen base model; a logistic regression
     on its L2-normalised embeddings gives them). ``classes``: the training labels (str), in the
     order of the probability columns. ``metrics``: what training logged (``val/loss``, ...);
     ``validation``: scores on the held-out cells (None without validation, or after :meth:`load`,
     where :meth:`summary` still holds them)."""
 
-    def __init__(self, model: ScGPT, classes: Sequence[str], label_key: str, mode: str, *,
+    def __init__(self, model: Any, classes: Sequence[str], label_key: str, mode: str, *,
                  settings: dict[str, Any], probe: Any = None, metrics: dict[str, float] | None = None,
                  validation: ClassificationReport | None = None, info: dict[str, Any] | None = None) -> None:
         if mode not in MODES:
@@ -170,6 +218,7 @@ class Annotator:
         if mode == "linear_probe" and probe is None:
             raise ConfigError("a linear_probe annotator needs its fitted probe.")
         self.model = model
+        self.backend = backend_of(model)
         self.classes = [str(c) for c in classes]
         self.label_key = label_key
         self.mode = mode
@@ -187,7 +236,8 @@ class Annotator:
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready description: mode, classes, cell counts, training metrics, validation scores."""
-        return {"mode": self.mode, "label_key": self.label_key, "classes": list(self.classes),
+        return {"mode": self.mode, "family": self.backend.family, "label_key": self.label_key,
+                "classes": list(self.classes),
                 "n_train_cells": self.info.get("n_train_cells"), "n_val_cells": self.info.get("n_val_cells"),
                 "n_unlabelled": self.info.get("n_unlabelled"), "class_weights": self.info.get("class_weights"),
                 "metrics": _finite(self.metrics),
@@ -241,40 +291,22 @@ class Annotator:
 
     def _proba(self, adata: Any, *, layer: str | None, batch_size: int, progress: bool, device: Any,
                precision: str, check_input: bool) -> np.ndarray:
-        s = self.settings
+        s, backend = self.settings, self.backend
         if self.mode == "linear_probe":
-            emb = self.model.embed(adata, layer, batch_size=batch_size, key_added="", device=device,
-                                   precision=precision, max_length=s["max_length"], normalize=True, seed=s["seed"],
-                                   check_input=check_input, progress=progress)
-            return self.probe.predict_proba(emb.astype(np.float64)).astype(np.float32)
+            emb = backend.embed(adata, layer, batch_size=batch_size, device=device, precision=precision,
+                                max_length=s.get("max_length"), seed=s.get("seed", 0), check_input=check_input,
+                                progress=progress)
+            return self.probe.predict_proba(_l2_normalized(emb)).astype(np.float32)
         if check_input:
-            self.model._check_input(adata, layer, False)
-        cells = _tokenizer(self.model.vocab, s).tokenize(adata, layer=layer, progress=progress)
-        _check_nonempty(cells)
+            backend.check_input(adata, layer)
+        cells = backend.tokenize(adata, layer, s, progress)
+        _check_nonempty(cells, backend)
         return self._proba_cells(cells, batch_size=batch_size, device=device, precision=precision, progress=progress)
 
     def _proba_cells(self, cells: TokenizedCells, *, batch_size: int = 64, device: Any = "auto",
                      precision: str = "auto", progress: bool = False) -> np.ndarray:
-        """Classifier probabilities of tokenized cells (fine-tune mode), batches of similar lengths."""
-        from tqdm.auto import tqdm
-
-        from scforge.nn import autocast, resolve_device, resolve_precision
-
-        dev = resolve_device(device)
-        dtype = resolve_precision(precision, dev)
-        module = self.model.module.to(dev).eval()
-        out = np.zeros((cells.n_cells, len(self.classes)), dtype=np.float32)
-        order = np.argsort(-cells.lengths, kind="stable")
-        batches = [order[i : i + batch_size] for i in range(0, order.size, batch_size)]
-        with torch.inference_mode(), autocast(dev, dtype):
-            for idx in tqdm(batches, desc="scGPT annotate", unit="batch", disable=not progress, leave=False):
-                b = cells.pack(idx)
-                values = b["values"].to(dev)
-                cu = b["cu_seqlens"].to(dev, torch.int64)
-                h = module.encode(b["genes"].to(dev), values, cu_seqlens=cu, max_seqlen=b["max_seqlen"])
-                logits = module.cls_decoder(module.cell_embedding(h, values, cu_seqlens=cu))
-                out[idx] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
-        return out
+        """Classifier probabilities of tokenized cells (fine-tune mode)."""
+        return self.backend.proba(cells, batch_size=batch_size, device=device, precision=precision, progress=progress)
 
     def _write(self, adata: Any, proba: np.ndarray, key: str) -> None:
         classes = np.asarray(self.classes, dtype=object)
@@ -340,7 +372,10 @@ class Annotator:
         missing = [k for k in ("mode", "label_key", "classes", "settings") if k not in meta]
         if missing or meta["mode"] not in MODES:
             raise CheckpointError(f"'{file}' lacks {missing} or has an unknown mode; the folder is damaged.")
-        model = ScGPT.from_folder(path)
+        from scforge.models import load as load_model
+
+        model = load_model(path)
+        backend = backend_of(model)
         probe = None
         if meta["mode"] == "linear_probe":
             try:
@@ -349,12 +384,12 @@ class Annotator:
             except (OSError, KeyError, ValueError) as exc:
                 raise CheckpointError(f"cannot read the probe '{path / PROBE_FILE}': {exc}.") from None
             n_classes = len(meta["classes"])
-            if coef.shape[0] != (1 if n_classes == 2 else n_classes) or coef.shape[1] != model.config.d_model:
+            if coef.shape[0] != (1 if n_classes == 2 else n_classes) or coef.shape[1] != backend.embedding_dim:
                 raise CheckpointError(f"'{path / PROBE_FILE}' has coefficients {coef.shape} for {n_classes} classes "
-                                      f"and {model.config.d_model}-d embeddings; the folder is damaged.")
+                                      f"and {backend.embedding_dim}-d embeddings; the folder is damaged.")
             probe = _probe_from_arrays(coef, intercept, float(meta.get("probe", {}).get("C", 1.0)))
-        elif model.config.n_cls != len(meta["classes"]):
-            raise CheckpointError(f"'{path}': the classifier has {model.config.n_cls} outputs but "
+        elif backend.n_classes != len(meta["classes"]):
+            raise CheckpointError(f"'{path}': the classifier has {backend.n_classes} outputs but "
                                   f"{ANNOTATOR_FILE} lists {len(meta['classes'])} classes; the folder is damaged.")
         info = {k: meta.get(k) for k in ("n_train_cells", "n_val_cells", "n_unlabelled", "class_weights",
                                          "validation")}
@@ -364,17 +399,9 @@ class Annotator:
 
 
 # ---- training ----------------------------------------------------------------------------------
-def _classifier_copy(model: ScGPT, n_classes: int, seed: int, source: str) -> ScGPTModel:
-    """A new ScGPTModel with ``model``'s backbone weights and a fresh ``n_classes`` classifier."""
-    from scforge.models.scgpt.checkpoint import load_state_into
-
-    config = dataclasses.replace(model.config, n_cls=n_classes)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        module = ScGPTModel(config)
-    state = {k: v for k, v in model.module.state_dict().items() if not k.startswith("cls_decoder.")}
-    load_state_into(module, state, source=source, strict_heads=False)
-    return module
+def _l2_normalized(emb: np.ndarray) -> np.ndarray:
+    x = np.asarray(emb, dtype=np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def _check_training_args(epochs: int, batch_size: int, lr: float, precision: str) -> None:
@@ -396,7 +423,7 @@ def _validation_report(classes: list[str], y_true: np.ndarray, proba: np.ndarray
 
 
 def fine_tune(
-    model: ScGPT,
+    model: Any,
     adata: Any,
     label_key: str,
     *,
@@ -415,52 +442,42 @@ def fine_tune(
     log_dir: str | os.PathLike | None = None,
     check_input: bool = True,
 ) -> Annotator:
-    """Fine-tune a copy of ``model`` to classify ``obs[label_key]`` (scGPT's annotation recipe).
+    """Fine-tune a copy of ``model`` (any scforge family) to classify ``obs[label_key]``.
 
     Classes are the sorted distinct labels; unlabelled cells are left out (and logged). The copy
     gets a new classifier with one output per class; the backbone starts from ``model``'s weights
-    (``freeze``: parameter-name prefixes kept fixed, e.g. ``("encoder.", "value_encoder.")``).
-    Input: raw counts (``layer``), normalised to 1e4, log1p, binned, ``<cls>`` value 0, at most
-    ``max_length`` tokens (default the model's ``max_seq_len``). AdamW at ``lr`` with 10% warmup
-    then cosine decay; ``val_fraction`` of the cells (stratified, seeded) are held out and the
-    best epoch by validation loss is kept when ``checkpoint_dir`` is given. ``class_weights=True``
-    weights the loss by inverse class frequency (mean 1). ``adata``: AnnData or ``.h5ad`` path;
-    it is not modified."""
-    from scforge.train import Corruption, Objectives, OptimConfig, TrainConfig, fit
+    (``freeze``: parameter-name prefixes kept fixed, e.g. scGPT's ``("encoder.", "value_encoder.")``).
+    Input: raw counts (``layer``), tokenized by the family's classification recipe (scGPT: normalised
+    to 1e4, log1p, binned, ``<cls>`` first), at most ``max_length`` tokens (default the model's).
+    AdamW at ``lr`` with 10% warmup then cosine decay; ``val_fraction`` of the cells (stratified,
+    seeded) are held out and the best epoch by validation loss is kept when ``checkpoint_dir`` is
+    given. ``class_weights=True`` weights the loss by inverse class frequency (mean 1). ``adata``:
+    AnnData or ``.h5ad`` path; it is not modified."""
+    from scforge.train import OptimConfig, TrainConfig, fit_module
 
-    _check_model(model)
+    backend = backend_of(model)
     _check_training_args(epochs, batch_size, lr, precision)
     freeze = (freeze,) if isinstance(freeze, str) else tuple(freeze)
-    names = [n for n, _ in model.module.named_parameters()]
-    unmatched = [f for f in freeze if not any(n.startswith(f) for n in names)]
-    if unmatched:
-        raise ConfigError(f"freeze prefixes {unmatched} match no parameter; parameter names start with "
-                          f"{sorted({n.split('.')[0] + '.' for n in names})}.")
-    length = max_length or model.config.max_seq_len
-    if length < 2:
-        raise ConfigError(f"max_length must be >= 2 (<cls> plus one gene), got {length}")
+    settings = backend.settings(max_length, seed)
     classes, codes, keep = encode_labels(_label_column(_read_obs(adata), label_key), label_key)
     if check_input:
-        model._check_input(adata, layer, False)
-    c = model.config
-    settings = {"n_bins": c.n_bins, "normalize_total": 1e4, "log1p": True, "cls_value": 0.0, "max_len": int(length),
-                "seed": int(seed), "pad_value": c.pad_value, "mask_value": c.mask_value}
-    cells = _tokenizer(model.vocab, settings).tokenize(adata, layer=layer, progress=progress)
+        backend.check_input(adata, layer)
+    cells = backend.tokenize(adata, layer, settings, progress)
     cells, y = cells.select(keep), codes[keep]
-    _check_nonempty(cells)
+    _check_nonempty(cells, backend)
     train_idx, val_idx = _split(cells.n_cells, val_fraction, seed, y)
     weights = None
     if class_weights:
         inv = 1.0 / np.bincount(y, minlength=len(classes)).astype(np.float64)
         weights = tuple(float(w) for w in inv / inv.mean())
-    source = f"{model.source or 'a new scGPT'}, fine-tuned on obs[{label_key!r}]"
-    module = _classifier_copy(model, len(classes), seed, source)
+    source = f"{model.source or f'a new {backend.family} model'}, fine-tuned on obs[{label_key!r}]"
+    tuned = backend.classifier_copy(len(classes), seed, source)
+    tuned_backend = backend_of(tuned)
     total_steps = epochs * math.ceil(train_idx.size / batch_size)
-    result = fit(
-        module, cells,
-        objectives=Objectives(gep=False, cls=True, class_weights=weights),
-        corruption=Corruption("none"),
-        optim=OptimConfig(lr=lr, warmup_steps=max(1, round(0.1 * total_steps)), schedule="cosine", freeze=freeze),
+    optim = OptimConfig(lr=lr, warmup_steps=max(1, round(0.1 * total_steps)), schedule="cosine", freeze=freeze)
+    module = tuned_backend.training_module(optim, weights)
+    result = fit_module(
+        module, tuned_backend.collate(cells, y, seed), cells.n_cells,
         config=TrainConfig(max_epochs=epochs, batch_size=batch_size, val_fraction=val_fraction, seed=seed,
                            precision=precision, progress=progress,
                            checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
@@ -470,7 +487,6 @@ def fine_tune(
     trained = result.module.model.eval()
     for p in trained.parameters():
         p.requires_grad_(True)
-    tuned = ScGPT(trained, copy.deepcopy(model.vocab), source=source)
     info = {"n_train_cells": int(train_idx.size), "n_val_cells": int(val_idx.size),
             "n_unlabelled": int(codes.size - keep.size), "class_weights": None if weights is None else list(weights)}
     annotator = Annotator(tuned, classes, label_key, "fine_tune", settings=settings, metrics=result.metrics, info=info)
@@ -483,7 +499,7 @@ def fine_tune(
 
 
 def linear_probe(
-    model: ScGPT,
+    model: Any,
     adata: Any,
     label_key: str,
     *,
@@ -501,24 +517,24 @@ def linear_probe(
 ) -> Annotator:
     """Logistic regression (lbfgs, multinomial) on ``model``'s frozen, L2-normalised cell embeddings.
 
-    Embeddings come from :meth:`ScGPT.embed` (nothing is written to ``adata``); unlabelled cells
+    Embeddings come from the family's ``embed`` (nothing is written to ``adata``); unlabelled cells
     are left out. ``val_fraction`` of the labelled cells (stratified, seeded) are held out for
     :attr:`Annotator.validation`. The annotator keeps a reference to ``model`` (not a copy)."""
     from sklearn.linear_model import LogisticRegression
 
-    _check_model(model)
+    backend = backend_of(model)
     if not C > 0:
         raise ConfigError(f"C must be > 0, got {C}")
     if max_iter < 1:
         raise ConfigError(f"max_iter must be >= 1, got {max_iter}")
     classes, codes, keep = encode_labels(_label_column(_read_obs(adata), label_key), label_key)
     subset = hasattr(adata, "obs") and keep.size < codes.size
-    emb = model.embed(adata[keep] if subset else adata, layer, batch_size=batch_size, key_added="", device=device,
-                      precision=precision, max_length=max_length, normalize=True, seed=seed,
-                      check_input=check_input, progress=progress)
+    emb = backend.embed(adata[keep] if subset else adata, layer, batch_size=batch_size, device=device,
+                        precision=precision, max_length=max_length, seed=seed, check_input=check_input,
+                        progress=progress)
     if not subset and keep.size < codes.size:
         emb = emb[keep]
-    x, y = emb.astype(np.float64), codes[keep]
+    x, y = _l2_normalized(emb), codes[keep]
     train_idx, val_idx = _split(y.size, val_fraction, seed, y)
     clf = LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter, random_state=seed).fit(x[train_idx], y[train_idx])
     settings = {"max_length": max_length, "seed": int(seed)}

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from scforge.errors import ConfigError
+from scforge.errors import ConfigError, InputDataError
 
 
 @dataclass
@@ -247,3 +247,16 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def require_expressed_cells(cells: TokenizedCells, consequence: str, n_special: int = 0) -> None:
+    """Raise :class:`InputDataError` when a tokenized cell holds no gene token (only its ``n_special``
+    special tokens, e.g. scGPT's ``<cls>``): no gene of the model's vocabulary is expressed."""
+    empty = np.flatnonzero(cells.lengths <= n_special)
+    if empty.size:
+        names = [str(cells.obs_names[i]) for i in empty[:5]]
+        raise InputDataError(
+            f"{empty.size} of {cells.n_cells} cells express no gene of the model's vocabulary (e.g. {names}); "
+            f"{consequence}. Remove them first, e.g. sc.pp.filter_cells(adata, min_genes=1) after "
+            "restricting to matched genes."
+        )

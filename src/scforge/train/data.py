@@ -21,7 +21,9 @@ from scforge.errors import ConfigError
 from scforge.tokenize.ragged import TokenizedCells
 
 
-def _seed_from(*parts: int) -> int:
+def batch_seed(*parts: int) -> int:
+    """A 63-bit seed derived from integers (e.g. seed, epoch, first cell, batch size): collators seed
+    their generator with it, so their draws never depend on global RNG state."""
     digest = hashlib.blake2b(np.asarray(parts, dtype=np.int64).tobytes(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
@@ -57,7 +59,7 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         self.rank, self.world_size = rank, world_size
 
     def global_batches(self) -> list[np.ndarray]:
-        rng = np.random.default_rng(_seed_from(self.seed, self.epoch))
+        rng = np.random.default_rng(batch_seed(self.seed, self.epoch))
         if self.groups is None:
             order = rng.permutation(self.n_cells) if self.shuffle else np.arange(self.n_cells)
             batches = [order[i : i + self.batch_size] for i in range(0, self.n_cells, self.batch_size)]
@@ -153,7 +155,7 @@ class CellCollator:
     def __call__(self, items: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
         epoch = items[0][0]
         idx = np.asarray([i for _, i in items], dtype=np.int64)
-        rng = np.random.default_rng(_seed_from(self.seed, epoch, int(idx[0]), idx.size))
+        rng = np.random.default_rng(batch_seed(self.seed, epoch, int(idx[0]), idx.size))
         offsets = self.cells.offsets
         genes_list, values_list, target_list, predict_list, gen_list = [], [], [], [], []
         for i in idx:

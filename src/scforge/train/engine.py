@@ -1,4 +1,7 @@
-"""``fit``: train an scGPT model on tokenized cells with Lightning (one process, DDP, any device)."""
+"""Training on Lightning (one process, DDP, any device).
+
+``fit_module``: any family's :class:`~scforge.train.module.TrainingModule` with its own collate
+function. ``fit``: an scGPT model on tokenized cells with scGPT's objectives and corruptions."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -16,8 +20,8 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from scforge.errors import ConfigError
 from scforge.nn import cpu_has_fast_bf16
 from scforge.tokenize.ragged import TokenizedCells
-from scforge.train.data import Corruption, make_loader
-from scforge.train.module import OptimConfig, ScGPTTrainingModule
+from scforge.train.data import Corruption, EpochBatchSampler, make_loader
+from scforge.train.module import OptimConfig, ScGPTTrainingModule, TrainingModule
 from scforge.train.objectives import Objectives
 
 logger = logging.getLogger("scforge")
@@ -104,6 +108,46 @@ class CellDataModule(L.LightningDataModule):
         return self._loader(self.val_idx, False, self.per_batch)
 
 
+class _Remap:
+    """Collate wrapper: the sampler's positions within a subset -> the cells' own indices."""
+
+    def __init__(self, collate: Callable[[list[tuple[int, int]]], dict[str, Any]], idx: np.ndarray) -> None:
+        self.collate, self.idx = collate, idx
+
+    def __call__(self, items: list[tuple[int, int]]) -> dict[str, Any]:
+        return self.collate([(epoch, int(self.idx[i])) for epoch, i in items])
+
+
+class IndexDataModule(L.LightningDataModule):
+    """Train / validation loaders over cell indices for any family: :class:`EpochBatchSampler`
+    batches (seeded per epoch, resumable, sharded per DDP rank) handed to ``collate`` as
+    ``(epoch, cell_index)`` pairs, indices into the full set of cells."""
+
+    def __init__(self, collate: Callable[[list[tuple[int, int]]], dict[str, Any]], *, train_idx: np.ndarray,
+                 val_idx: np.ndarray | None, batch_size: int, seed: int, groups: np.ndarray | None = None) -> None:
+        super().__init__()
+        self.collate, self.train_idx, self.val_idx = collate, train_idx, val_idx
+        self.batch_size, self.seed, self.groups = batch_size, seed, groups
+
+    def _loader(self, idx: np.ndarray, shuffle: bool) -> torch.utils.data.DataLoader:
+        from scforge.train.data import _IndexDataset
+
+        sampler = EpochBatchSampler(idx.size, self.batch_size, shuffle=shuffle, seed=self.seed,
+                                    groups=None if self.groups is None else self.groups[idx])
+        if self.trainer is not None:
+            sampler.set_distributed(self.trainer.global_rank, self.trainer.world_size)
+        return torch.utils.data.DataLoader(_IndexDataset(idx.size), batch_sampler=sampler,
+                                           collate_fn=_Remap(self.collate, idx))
+
+    def train_dataloader(self):
+        return self._loader(self.train_idx, True)
+
+    def val_dataloader(self):
+        if self.val_idx is None or self.val_idx.size == 0:
+            return []
+        return self._loader(self.val_idx, False)
+
+
 def split_indices(n: int, val_fraction: float, seed: int, labels: np.ndarray | None = None):
     """Seeded train/validation split, stratified by ``labels`` when every class has >= 2 cells."""
     if not 0 <= val_fraction < 1:
@@ -126,7 +170,7 @@ class FitResult:
     """What :func:`fit` returns: the trained module (best weights loaded when validation ran),
     the Lightning trainer, the checkpoint folder and the per-epoch metrics logged."""
 
-    module: ScGPTTrainingModule
+    module: TrainingModule
     trainer: L.Trainer
     checkpoint_dir: Path | None
     best_checkpoint: str | None
@@ -168,9 +212,59 @@ def fit(
                           corruption=corruption, seed=cfg.seed, labels=labels, batch_labels=batch_labels,
                           per_batch=per_batch, mask_value=c.mask_value, pad_value=c.pad_value, pad_id=c.pad_token_id)
     module = ScGPTTrainingModule(model, objectives, optim)
+    return _run(module, data, cfg, has_val=val_idx.size > 0, resume_from=resume_from)
+
+
+def _check_val_idx(val_idx: np.ndarray, n: int) -> np.ndarray:
+    val_idx = np.asarray(val_idx, dtype=np.int64)
+    if val_idx.size and (val_idx.min() < 0 or val_idx.max() >= n):
+        raise ConfigError(f"val_idx must index the {n} cells (0..{n - 1}); got values from {val_idx.min()} to "
+                          f"{val_idx.max()}")
+    return np.unique(val_idx)
+
+
+def fit_module(
+    module: TrainingModule,
+    collate: Callable[[list[tuple[int, int]]], dict[str, Any]],
+    n_cells: int,
+    *,
+    config: TrainConfig | None = None,
+    labels: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
+    val_idx: np.ndarray | None = None,
+    resume_from: str | os.PathLike | None = None,
+) -> FitResult:
+    """Train any family's ``module`` on ``n_cells`` cells with Lightning.
+
+    ``collate`` turns a minibatch, a list of ``(epoch, cell_index)`` pairs, into the batch dict its
+    :meth:`~TrainingModule.compute_losses` reads; it must draw its randomness from a generator seeded
+    with :func:`~scforge.train.data.batch_seed` (seed, epoch, first index, size), so runs repeat and
+    resume exactly. ``labels`` stratify the seeded validation split (``config.val_fraction``) unless
+    ``val_idx`` is given; ``groups`` (one integer per cell) makes each minibatch come from one group.
+    ``resume_from``: a checkpoint written by an earlier run with ``config.checkpoint_dir``."""
+    cfg = config or TrainConfig()
+    if n_cells < 1:
+        raise ConfigError("no cells to train on")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    for name, arr in (("labels", labels), ("groups", groups)):
+        if arr is not None and len(arr) != n_cells:
+            raise ConfigError(f"{len(arr)} {name} for {n_cells} cells")
+    if val_idx is None:
+        train_idx, val_idx = split_indices(n_cells, cfg.val_fraction, cfg.seed, labels)
+    else:
+        val_idx = _check_val_idx(val_idx, n_cells)
+        train_idx = np.setdiff1d(np.arange(n_cells), val_idx)
+    if train_idx.size == 0:
+        raise ConfigError("every cell is in the validation set; nothing is left to train on")
+    data = IndexDataModule(collate, train_idx=train_idx, val_idx=val_idx, batch_size=cfg.batch_size, seed=cfg.seed,
+                           groups=None if groups is None else np.asarray(groups))
+    return _run(module, data, cfg, has_val=val_idx.size > 0, resume_from=resume_from)
+
+
+def _run(module: TrainingModule, data: L.LightningDataModule, cfg: TrainConfig, *, has_val: bool,
+         resume_from: str | os.PathLike | None) -> FitResult:
     ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
     callbacks = list(cfg.extra_callbacks)
-    has_val = val_idx.size > 0
     checkpoint_cb = None
     if ckpt_dir is not None:
         checkpoint_cb = L.pytorch.callbacks.ModelCheckpoint(

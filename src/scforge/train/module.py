@@ -1,4 +1,5 @@
-"""The Lightning module that trains an :class:`~scforge.models.scgpt.ScGPTModel` on chosen objectives."""
+"""Lightning modules: :class:`TrainingModule` (optimiser, schedule, logging, exact resume; any family)
+and :class:`ScGPTTrainingModule` (scGPT's objectives)."""
 
 from __future__ import annotations
 
@@ -53,80 +54,60 @@ def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
 
 
-class ScGPTTrainingModule(L.LightningModule):
-    """Trains ``model`` (an ``ScGPTModel``) on ``objectives``; batches come from :mod:`scforge.train.data`.
+class TrainingModule(L.LightningModule):
+    """Base Lightning module of every scforge model family.
 
-    Logs ``train/loss`` and each term (``train/gep``, ``train/cls``, ...), ``val/loss`` and, with
-    labels, ``val/accuracy``. Saves and restores the Python, NumPy and torch RNG states with each
-    checkpoint, so a resumed run continues with the same dropout draws."""
+    A subclass implements :meth:`compute_losses` (total loss and named parts) and may add
+    :meth:`validation_metrics`. The base class logs ``train/loss``, ``train/<part>``, ``val/loss``
+    and ``val/<part>``; freezes the parameters named by ``optim.freeze``; runs fused AdamW with the
+    warmup and schedule of :class:`OptimConfig`; and saves and restores the Python, NumPy and torch
+    RNG states and the data position with each checkpoint, so a resumed run continues exactly as an
+    uninterrupted one. Batches should carry ``cells`` (the cell indices; the logged batch size)."""
 
-    def __init__(self, model: torch.nn.Module, objectives: Objectives, optim: OptimConfig | None = None,
-                 total_steps: int | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, optim: OptimConfig | None = None, total_steps: int | None = None) -> None:
         super().__init__()
         self.model = model
-        self.objectives = objectives
         self.optim = optim or OptimConfig()
         self.total_steps = total_steps
-        self._check_model()
+        names = [n for n, _ in self.model.named_parameters()]
+        unmatched = [f for f in self.optim.freeze if not any(n.startswith(f) for n in names)]
+        if unmatched:
+            raise ConfigError(f"freeze prefixes {unmatched} match no parameter; parameter names start with "
+                              f"{sorted({n.split('.')[0] + '.' for n in names})}.")
         for name, p in self.model.named_parameters():
             if any(name.startswith(prefix) for prefix in self.optim.freeze):
                 p.requires_grad_(False)
-        cw = objectives.class_weights
-        self.register_buffer("class_weights", None if cw is None else torch.tensor(cw, dtype=torch.float32),
-                             persistent=False)
-        self.save_hyperparameters({"objectives": asdict(objectives), "optim": asdict(self.optim)})
 
-    def _check_model(self) -> None:
-        c, o = self.model.config, self.objectives
-        if o.mvc and not c.do_mvc:
-            raise ConfigError("the MVC objective needs a model with an MVC decoder (do_mvc=True)")
-        if o.dar_weight and not c.do_dab:
-            raise ConfigError("DAR needs a model with the batch discriminator (do_dab=True, num_batch_labels)")
-        if o.cls and c.n_cls < 2:
-            raise ConfigError("classification needs a classifier head with n_cls >= 2")
-        if o.ecs_threshold is not None:
-            c.ecs_threshold = o.ecs_threshold
+    def compute_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss and its named parts for one minibatch."""
+        raise NotImplementedError(f"{type(self).__name__} must implement compute_losses(batch)")
 
-    # ---- steps -------------------------------------------------------------------------------
-    def _forward(self, batch: dict[str, torch.Tensor], cell_emb_input: torch.Tensor | None = None):
-        o = self.objectives
-        kwargs = {}
-        if "cu_seqlens" in batch:
-            kwargs = {"cu_seqlens": batch["cu_seqlens"], "max_seqlen": int(batch["max_seqlen"])}
-        else:
-            kwargs = {"padding_mask": batch["padding_mask"], "gen_mask": batch["gen_mask"]}
-        needs_batch = self.model.config.use_batch_labels or bool(self.model.config.domain_spec_batchnorm)
-        return self.model(batch["genes"], batch["values"], batch_labels=batch.get("batch_labels") if needs_batch
-                          else None, CLS=o.cls, CCE=bool(o.cce_weight), MVC=o.mvc, ECS=bool(o.ecs_weight),
-                          cell_emb_input=cell_emb_input, **kwargs)
+    def validation_metrics(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Extra validation figures for the batch just scored by :meth:`compute_losses` (e.g. accuracy)."""
+        return {}
 
-    def _losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
-        out = self._forward(batch)
-        losses = objective_losses(self.model, out, batch, self.objectives, self.class_weights)
-        o = self.objectives
-        if o.second_pass and "gen_mask" in batch and self.global_step >= o.second_pass_after:
-            again = self._forward(batch, cell_emb_input=out["cell_emb"].detach())
-            losses["gen_second"] = objective_losses(self.model, again, batch, Objectives(gep=True))["gep"]
-        return sum(losses.values()), losses, out
+    @staticmethod
+    def _batch_size(batch: dict[str, torch.Tensor]) -> int:
+        cells = batch.get("cells")
+        return int(cells.numel()) if isinstance(cells, torch.Tensor) else 1
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         self._consumed = getattr(self, "_consumed", 0) + 1
-        total, losses, _ = self._losses(batch)
-        n = int(batch["cells"].numel())
+        total, losses = self.compute_losses(batch)
+        n = self._batch_size(batch)
         self.log("train/loss", total, prog_bar=True, batch_size=n, on_step=True, on_epoch=True)
         for name, value in losses.items():
             self.log(f"train/{name}", value, batch_size=n)
         return total
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        total, losses, out = self._losses(batch)
-        n = int(batch["cells"].numel())
+        total, losses = self.compute_losses(batch)
+        n = self._batch_size(batch)
         self.log("val/loss", total, prog_bar=True, batch_size=n, sync_dist=True)
         for name, value in losses.items():
             self.log(f"val/{name}", value, batch_size=n, sync_dist=True)
-        if self.objectives.cls and "labels" in batch:
-            acc = (out["cls_output"].argmax(-1) == batch["labels"]).float().mean()
-            self.log("val/accuracy", acc, prog_bar=True, batch_size=n, sync_dist=True)
+        for name, value in self.validation_metrics(batch).items():
+            self.log(f"val/{name}", value, prog_bar=name == "accuracy", batch_size=n, sync_dist=True)
 
     # ---- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -198,3 +179,59 @@ class ScGPTTrainingModule(L.LightningModule):
         sampler = self._sampler()
         if sampler is not None:
             sampler.set_epoch(self.current_epoch)
+
+
+class ScGPTTrainingModule(TrainingModule):
+    """Trains ``model`` (an ``ScGPTModel``) on ``objectives``; batches come from :mod:`scforge.train.data`.
+
+    Logs ``train/loss`` and each term (``train/gep``, ``train/cls``, ...), ``val/loss`` and, with
+    labels, ``val/accuracy``."""
+
+    def __init__(self, model: torch.nn.Module, objectives: Objectives, optim: OptimConfig | None = None,
+                 total_steps: int | None = None) -> None:
+        super().__init__(model, optim, total_steps)
+        self.objectives = objectives
+        self._check_model()
+        cw = objectives.class_weights
+        self.register_buffer("class_weights", None if cw is None else torch.tensor(cw, dtype=torch.float32),
+                             persistent=False)
+        self.save_hyperparameters({"objectives": asdict(objectives), "optim": asdict(self.optim)})
+
+    def _check_model(self) -> None:
+        c, o = self.model.config, self.objectives
+        if o.mvc and not c.do_mvc:
+            raise ConfigError("the MVC objective needs a model with an MVC decoder (do_mvc=True)")
+        if o.dar_weight and not c.do_dab:
+            raise ConfigError("DAR needs a model with the batch discriminator (do_dab=True, num_batch_labels)")
+        if o.cls and c.n_cls < 2:
+            raise ConfigError("classification needs a classifier head with n_cls >= 2")
+        if o.ecs_threshold is not None:
+            c.ecs_threshold = o.ecs_threshold
+
+    def _forward(self, batch: dict[str, torch.Tensor], cell_emb_input: torch.Tensor | None = None):
+        o = self.objectives
+        kwargs = {}
+        if "cu_seqlens" in batch:
+            kwargs = {"cu_seqlens": batch["cu_seqlens"], "max_seqlen": int(batch["max_seqlen"])}
+        else:
+            kwargs = {"padding_mask": batch["padding_mask"], "gen_mask": batch["gen_mask"]}
+        needs_batch = self.model.config.use_batch_labels or bool(self.model.config.domain_spec_batchnorm)
+        return self.model(batch["genes"], batch["values"], batch_labels=batch.get("batch_labels") if needs_batch
+                          else None, CLS=o.cls, CCE=bool(o.cce_weight), MVC=o.mvc, ECS=bool(o.ecs_weight),
+                          cell_emb_input=cell_emb_input, **kwargs)
+
+    def compute_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = self._forward(batch)
+        losses = objective_losses(self.model, out, batch, self.objectives, self.class_weights)
+        o = self.objectives
+        if o.second_pass and "gen_mask" in batch and self.global_step >= o.second_pass_after:
+            again = self._forward(batch, cell_emb_input=out["cell_emb"].detach())
+            losses["gen_second"] = objective_losses(self.model, again, batch, Objectives(gep=True))["gep"]
+        self._last_output = out
+        return sum(losses.values()), losses
+
+    def validation_metrics(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = getattr(self, "_last_output", None)
+        if not self.objectives.cls or "labels" not in batch or out is None:
+            return {}
+        return {"accuracy": (out["cls_output"].argmax(-1) == batch["labels"]).float().mean()}

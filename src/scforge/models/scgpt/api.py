@@ -31,21 +31,10 @@ from scforge.models.scgpt.checkpoint import (
 from scforge.models.scgpt.config import ScGPTConfig
 from scforge.models.scgpt.model import ScGPTModel
 from scforge.nn import autocast, resolve_device, resolve_precision
+from scforge.tokenize.ragged import require_expressed_cells
 
 logger = logging.getLogger("scforge")
 FAMILY = "scgpt"
-
-
-def require_expressed_cells(cells, consequence: str) -> None:
-    """Raise when a tokenized cell holds only ``<cls>`` (no gene of the vocabulary is expressed)."""
-    empty = np.flatnonzero(cells.lengths <= 1)
-    if empty.size:
-        names = [str(cells.obs_names[i]) for i in empty[:5]]
-        raise InputDataError(
-            f"{empty.size} of {cells.n_cells} cells express no gene of the model's vocabulary (e.g. {names}); "
-            f"{consequence}. Remove them first, e.g. sc.pp.filter_cells(adata, min_genes=1) after "
-            "restricting to matched genes."
-        )
 
 
 class ScGPT:
@@ -175,6 +164,12 @@ class ScGPT:
                                cls_value=c.pad_value, max_len=max_length or c.max_seq_len, seed=seed,
                                pad_value=c.pad_value, mask_value=c.mask_value)
 
+    def annotation_backend(self):
+        """scGPT's side of :mod:`scforge.tasks.annotate` (fine-tuning and linear probing)."""
+        from scforge.models.scgpt.annotation import ScGPTAnnotationBackend
+
+        return ScGPTAnnotationBackend(self)
+
     def embed(
         self,
         adata: Any,
@@ -285,7 +280,7 @@ class ScGPT:
             self._check_input(adata, layer, use_raw)
         tok = self.tokenizer(max_length=max_length, seed=seed)
         cells = tok.tokenize(adata, layer=layer, gene_col=gene_col, use_raw=use_raw)
-        require_expressed_cells(cells, "their embedding would be meaningless")
+        require_expressed_cells(cells, "their embedding would be meaningless", n_special=1)
         lengths = cells.lengths
         dev = resolve_device(device)
         dtype = resolve_precision(precision, dev)
