@@ -125,15 +125,34 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     data, out = _h5ad_in_out(args)
     model = scforge.load(args.model)
     adata = ad.read_h5ad(data)
-    emb = model.embed(
-        adata, args.layer, batch_size=args.batch_size, key_added=args.key_added, device=args.device,
-        precision=args.precision, max_length=args.max_length, normalize=not args.no_normalize, seed=args.seed,
-        gene_col=args.gene_col, use_raw=args.use_raw, progress=not args.no_progress,
-    )
+    options = {"batch_size": args.batch_size, "key_added": args.key_added, "device": args.device,
+               "precision": args.precision, "max_length": args.max_length, "normalize": not args.no_normalize,
+               "seed": args.seed, "gene_col": args.gene_col, "use_raw": args.use_raw, "progress": not args.no_progress}
+    if args.key_added is None:
+        del options["key_added"]
+    kwargs = _supported(model.embed, options, type(model).__name__)
+    emb = model.embed(adata, args.layer, **kwargs)
+    import inspect
+
+    key = kwargs.get("key_added", inspect.signature(model.embed).parameters.get("key_added").default)
     _write_h5ad(adata, out)
-    print(json.dumps({"cells": int(emb.shape[0]), "dim": int(emb.shape[1]), "key": f"obsm[{args.key_added!r}]",
+    print(json.dumps({"cells": int(emb.shape[0]), "dim": int(emb.shape[1]), "key": f"obsm[{key!r}]",
                       "written": str(out)}, indent=2))
     return 0
+
+
+def _supported(func: Any, options: dict[str, Any], family: str) -> dict[str, Any]:
+    """The options ``func`` accepts. An option the user set that this family does not take is an
+    error (not silently dropped); defaults the family lacks are left out."""
+    import inspect
+
+    params = inspect.signature(func).parameters
+    defaults = {"max_length": None, "normalize": True, "seed": 0, "gene_col": None, "use_raw": False}
+    unsupported = [k for k in options if k not in params and k in defaults and options[k] != defaults[k]]
+    if unsupported:
+        flags = ["--no-normalize" if k == "normalize" else "--" + k.replace("_", "-") for k in unsupported]
+        raise ScforgeError(f"{family} embeddings do not take {', '.join(flags)}; leave it out for this model.")
+    return {k: v for k, v in options.items() if k in params}
 
 
 def _check_out_folder(out: str, overwrite: bool) -> None:
@@ -273,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--layer", default=None, help="layer holding the expression (default: X)")
     emb.add_argument("--use-raw", action="store_true", help="read adata.raw instead of X")
     emb.add_argument("--gene-col", default=None, help="var column with gene ids (default: var_names)")
-    emb.add_argument("--key-added", default="X_scGPT", help="obsm key (default X_scGPT)")
+    emb.add_argument("--key-added", default=None,
+                     help="obsm key (default: the family's, e.g. X_scGPT, X_geneformer, X_scBERT)")
     emb.add_argument("--batch-size", type=int, default=64)
     emb.add_argument("--max-length", type=int, default=None, help="tokens per cell (default: the model's, 1200)")
     emb.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")

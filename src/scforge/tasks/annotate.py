@@ -475,6 +475,8 @@ def fine_tune(
     tuned_backend = backend_of(tuned)
     total_steps = epochs * math.ceil(train_idx.size / batch_size)
     optim = OptimConfig(lr=lr, warmup_steps=max(1, round(0.1 * total_steps)), schedule="cosine", freeze=freeze)
+    module_of = getattr(tuned, "module", None)
+    trainable = {n: p.requires_grad for n, p in module_of.named_parameters()} if module_of is not None else {}
     module = tuned_backend.training_module(optim, weights)
     result = fit_module(
         module, tuned_backend.collate(cells, y, seed), cells.n_cells,
@@ -485,8 +487,8 @@ def fine_tune(
         labels=y, val_idx=val_idx,
     )
     trained = result.module.model.eval()
-    for p in trained.parameters():
-        p.requires_grad_(True)
+    for name, p in trained.named_parameters():  # undo the training freeze; fixed tables stay fixed
+        p.requires_grad_(trainable.get(name, True))
     info = {"n_train_cells": int(train_idx.size), "n_val_cells": int(val_idx.size),
             "n_unlabelled": int(codes.size - keep.size), "class_weights": None if weights is None else list(weights)}
     annotator = Annotator(tuned, classes, label_key, "fine_tune", settings=settings, metrics=result.metrics, info=info)

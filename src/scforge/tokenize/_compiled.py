@@ -352,7 +352,7 @@ def bin_matrix(
                     pos += 1
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, parallel=True)
 def rank_chunk(
     indptr: np.ndarray,
     data: np.ndarray,
@@ -364,22 +364,35 @@ def rank_chunk(
     out_lengths: np.ndarray,
     out_order: np.ndarray,
 ) -> None:
-    """Geneformer rank value order of every cell of a CSR chunk.
+    """Geneformer rank value order of every cell of a CSR chunk (rows in parallel).
 
     Score ``data / n_counts * target_sum / median[token]`` in float64; entries of each row sorted by
-    score descending, ties kept in entry order (a stable sort; entries are in token order). Writes
-    the first ``limit`` entry indices of row ``r`` to ``out_order[indptr[r]:]`` and their number
-    to ``out_lengths[r]``.
+    score descending, equal scores by ascending token id (whatever the entry order). Writes the
+    first ``limit`` entry indices of row ``r`` to ``out_order[indptr[r]:]`` and their number to
+    ``out_lengths[r]``.
     """
     n_rows = indptr.size - 1
-    for row in range(n_rows):
+    for row in numba.prange(n_rows):
         lo = indptr[row]
         hi = indptr[row + 1]
         n = hi - lo
         neg = np.empty(n, dtype=np.float64)
         for i in range(n):
             neg[i] = -(np.float64(data[lo + i]) / n_counts[row] * target_sum / medians[tokens[lo + i]])
-        order = np.argsort(neg, kind="mergesort")
+        order = np.argsort(neg)  # quicksort; runs of equal scores are put in token order below
+        start = 0
+        while start < n:
+            stop = start + 1
+            while stop < n and neg[order[stop]] == neg[order[start]]:
+                stop += 1
+            for a in range(start + 1, stop):  # insertion sort of a tie run (runs are short)
+                cur = order[a]
+                b = a - 1
+                while b >= start and tokens[lo + order[b]] > tokens[lo + cur]:
+                    order[b + 1] = order[b]
+                    b -= 1
+                order[b + 1] = cur
+            start = stop
         k = min(n, limit)
         for i in range(k):
             out_order[lo + i] = lo + order[i]

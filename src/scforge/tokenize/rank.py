@@ -139,7 +139,8 @@ class RankValueTokenizer(ChunkTokenizer):
             n_counts = np.asarray(column[lo:hi], dtype=np.float64)
         else:  # over all genes of the data, as Geneformer asks of its users
             n_counts = np.asarray(csr.sum(axis=1, dtype=np.float64)).ravel()
-        m = K.remap_columns(csr, plan.colmap, plan.n_out, plan.needs_sort)
+        # ties are ordered by token id in _rank, so entries need sorting only to sum duplicate genes
+        m = K.remap_columns(csr, plan.colmap, plan.n_out, _maps_columns_together(plan.colmap))
         lengths = np.diff(m.indptr)
         if np.any((n_counts <= 0) & (lengths > 0)):
             bad = lo + int(np.flatnonzero((n_counts <= 0) & (lengths > 0))[0])
@@ -175,8 +176,8 @@ class RankValueTokenizer(ChunkTokenizer):
     ) -> tuple[np.ndarray, np.ndarray]:
         """Tokens of every cell in rank order, the first ``limit`` per cell, and their counts.
 
-        Score ``counts / n_counts * target_sum / median``; descending; equal scores keep ascending
-        token id (entries are in token order and both sorts are stable).
+        Score ``counts / n_counts * target_sum / median``; descending; equal scores in ascending
+        token id, whatever the order of the entries.
         """
         lengths = np.diff(m.indptr)
         if USE_COMPILED:
@@ -189,7 +190,13 @@ class RankValueTokenizer(ChunkTokenizer):
             return tokens[order[keep]], kept
         rows = K.row_index(m.indptr)
         x = m.data.astype(np.float64) / np.repeat(n_counts, lengths) * self.target_sum / self._medians[tokens]
-        order = np.lexsort((-x, rows))  # stable: equal scores keep entry (token) order
+        order = np.lexsort((tokens, -x, rows))  # equal scores: ascending token id
         rank = np.arange(order.size, dtype=np.int64) - np.repeat(m.indptr[:-1].astype(np.int64), lengths)
         keep = rank < limit
         return tokens[order][keep], np.minimum(lengths, limit)
+
+
+def _maps_columns_together(colmap: np.ndarray) -> bool:
+    """True when two data columns map to the same output column (their counts must be summed)."""
+    mapped = colmap[colmap >= 0]
+    return bool(np.unique(mapped).size < mapped.size)
