@@ -1,5 +1,7 @@
-"""Evaluation metrics (classification: accuracy, macro F1, Cohen's kappa, confusion matrix)."""
+"""Evaluation metrics: classification (accuracy, macro F1, Cohen's kappa, confusion matrix) and
+clustering of embeddings (Leiden with a resolution sweep; NMI, ARI, label ASW, AvgBio)."""
 
 from scforge.metrics.classification import ClassificationReport, classification_metrics
+from scforge.metrics.clustering import ClusteringReport, best_leiden, clustering_metrics
 
-__all__ = ["ClassificationReport", "classification_metrics"]
+__all__ = ["ClassificationReport", "ClusteringReport", "best_leiden", "classification_metrics", "clustering_metrics"]
