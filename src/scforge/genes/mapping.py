@@ -35,6 +35,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.strings as np_strings
 import pandas as pd
 
 from scforge.errors import GeneIdentityError
@@ -96,8 +97,13 @@ def strip_version(ids: Sequence[str] | str) -> np.ndarray | str:
     """
     if isinstance(ids, str):
         return str(strip_version([ids])[0])
-    s = _series(_as_object_array(ids))
-    return s.str.replace(_VERSION_PATTERN, r"\1\2", regex=True).to_numpy(dtype=object)
+    values = _as_object_array(ids)
+    out = values.copy()
+    # only names with a dot can carry a version: the regex runs on those alone
+    dotted = np_strings.find(values.astype(str), ".") >= 0
+    if dotted.any():
+        out[dotted] = _series(values[dotted]).str.replace(_VERSION_PATTERN, r"\1\2", regex=True).to_numpy(dtype=object)
+    return out
 
 
 def _map(values: np.ndarray, table: pd.Series) -> np.ndarray:

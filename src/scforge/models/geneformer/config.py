@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from scforge.models._config import DictConfig
 from scforge.errors import ConfigError
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
@@ -17,7 +18,7 @@ V2_VOCAB_SIZE = 20_275
 
 
 @dataclass
-class GeneformerConfig:
+class GeneformerConfig(DictConfig):
     """Architecture of a Geneformer (HF BERT, post-LN) model.
 
     Field names and defaults are those of ``transformers.BertConfig`` with Geneformer's choices
@@ -60,16 +61,6 @@ class GeneformerConfig:
         return self.hidden_size // self.num_attention_heads
 
     # ---- (de)serialisation ---------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GeneformerConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"GeneformerConfig: unknown fields {unknown}.")
-        return cls(**data)
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any]) -> GeneformerConfig:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
 
+from scforge.models._config import DictConfig
 from scforge.errors import ConfigError
 
 
@@ -16,7 +15,7 @@ def default_nb_features(dim_head: int) -> int:
 
 
 @dataclass
-class ScBERTConfig:
+class ScBERTConfig(DictConfig):
     """Architecture of an scBERT model (defaults: the published model).
 
     ``num_tokens``: expression bins 0..5 plus ``<mask>`` (6, also the ignore id of the loss).
@@ -91,13 +90,3 @@ class ScBERTConfig:
         """Genes in the panel: every position but the trailing zero one."""
         return self.max_seq_len - 1
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ScBERTConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"ScBERTConfig: unknown fields {unknown}.")
-        return cls(**data)

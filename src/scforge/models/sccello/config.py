@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
 
+from scforge.models._config import DictConfig
 from scforge.errors import ConfigError
 from scforge.models.geneformer.config import V1_VOCAB_SIZE, GeneformerConfig
 
@@ -14,7 +13,7 @@ SCCELLO_VOCAB_SIZE = V1_VOCAB_SIZE + 1
 
 
 @dataclass
-class ScCelloConfig:
+class ScCelloConfig(DictConfig):
     """Architecture of an scCello model (published: 6 layers x 256, 4 heads, FFN 512, 2,048 positions,
     dropout 0.02, 25,427 tokens, tau 0.01).
 
@@ -68,13 +67,3 @@ class ScCelloConfig:
             initializer_range=self.initializer_range,
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ScCelloConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"ScCelloConfig: unknown fields {unknown}.")
-        return cls(**data)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass
 from typing import Any
 
+from scforge.models._config import DictConfig
 from scforge.errors import CheckpointError, ConfigError
 
 INPUT_EMB_STYLES = ("continuous", "category", "scaling")
@@ -16,7 +16,7 @@ MVC_STYLES = ("inner product", "inner product, detach", "concat query", "sum que
 
 
 @dataclass
-class ScGPTConfig:
+class ScGPTConfig(DictConfig):
     """Architecture and input conventions of an scGPT model.
 
     Names follow the reference ``TransformerModel`` arguments; :meth:`from_args_json` reads the
@@ -79,16 +79,6 @@ class ScGPTConfig:
         """Size of the category value embedding (``n_bins + 2``: bins, pad, mask)."""
         return self.n_bins + 2
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ScGPTConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"ScGPTConfig: unknown fields {unknown}.")
-        return cls(**data)
 
     @classmethod
     def from_args_json(
