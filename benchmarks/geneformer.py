@@ -143,7 +143,9 @@ def main() -> None:
     batch = 32
     order = np.argsort(-cells.lengths, kind="stable")
 
-    def run_hf():
+    def run_hf(hidden):
+        """transformers on length-sorted padded batches; ``hidden(ids, mask)`` gives the states to pool
+        (mean over each cell's genes)."""
         out = np.zeros((cells.n_cells, config.hidden_size), dtype=np.float32)
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -151,23 +153,15 @@ def main() -> None:
                 idx = order[s:s + batch]
                 b = cells.pad(idx)
                 mask = (~b["padding_mask"]).long()
-                h = bert(input_ids=b["genes"], attention_mask=mask).last_hidden_state
+                h = hidden(b["genes"], mask)
                 out[idx] = ((h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)).numpy()
         return time.perf_counter() - t0, out
 
-    def run_hf_extractor():
-        """As Geneformer's EmbExtractor runs it: the full BertForMaskedLM with output_hidden_states, the
-        penultimate layer (emb_layer=-1) mean-pooled over each cell's genes."""
-        out = np.zeros((cells.n_cells, config.hidden_size), dtype=np.float32)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            for s in range(0, order.size, batch):
-                idx = order[s:s + batch]
-                b = cells.pad(idx)
-                mask = (~b["padding_mask"]).long()
-                h = hf(input_ids=b["genes"], attention_mask=mask, output_hidden_states=True).hidden_states[-2]
-                out[idx] = ((h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)).numpy()
-        return time.perf_counter() - t0, out
+    def backbone(ids, mask):  # BertModel alone: all 6 layers, no MLM head
+        return bert(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    def extractor(ids, mask):  # as Geneformer's EmbExtractor: full BertForMaskedLM, penultimate layer
+        return hf(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
 
     def run_ours(emb_layer):
         t0 = time.perf_counter()
@@ -176,11 +170,11 @@ def main() -> None:
 
     times = {"hf": [], "fp32": [], "fp32_penultimate": [], "hf_extractor": []}
     for _ in range(rounds):
-        t, ref_emb = run_hf()
+        t, ref_emb = run_hf(backbone)
         times["hf"].append(t)
         t, our_emb = run_ours(0)
         times["fp32"].append(t)
-        t, ref_pen = run_hf_extractor()
+        t, ref_pen = run_hf(extractor)
         times["hf_extractor"].append(t)
         t, our_pen = run_ours(-1)
         times["fp32_penultimate"].append(t)

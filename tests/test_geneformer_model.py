@@ -112,10 +112,12 @@ def test_written_hf_folder_loads_in_transformers(tmp_path, v1_cells):
     torch.manual_seed(3)
     ours = GeneformerForMaskedLM(config).eval()
     model = Geneformer(ours, Geneformer.new(config).dictionaries)
-    for fmt, safe in (("st", True), ("bin", False)):
+    for fmt, safe, weights in (("st", True, "model.safetensors"), ("bin", False, "pytorch_model.bin")):
         folder = model.save_published(tmp_path / fmt, safe_serialization=safe)
+        assert (folder / weights).is_file() and (folder / "config.json").is_file()
         hf = transformers.BertForMaskedLM.from_pretrained(folder).eval()
-        compare(hf, ours, v1_cells.select(np.arange(3)), config.max_position_embeddings)
+        assert torch.equal(hf.bert.embeddings.word_embeddings.weight, ours.bert.embeddings.word_embeddings.weight)
+        compare(hf, ours, v1_cells.select(np.arange(3)), config.max_position_embeddings)  # asserts within 1e-5
 
 
 def test_hf_initialisation():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import logging
 import os
 from collections import deque
@@ -37,6 +39,12 @@ class GenePlan:
     @property
     def n_out(self) -> int:
         return int(self.out_tokens.size)
+
+    @functools.cached_property
+    def merges_columns(self) -> bool:
+        """True when two data columns map to the same output column (their counts are summed)."""
+        mapped = self.colmap[self.colmap >= 0]
+        return bool(np.unique(mapped).size < mapped.size)
 
 
 def plan_genes(

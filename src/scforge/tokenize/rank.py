@@ -140,7 +140,7 @@ class RankValueTokenizer(ChunkTokenizer):
         else:  # over all genes of the data, as Geneformer asks of its users
             n_counts = np.asarray(csr.sum(axis=1, dtype=np.float64)).ravel()
         # ties are ordered by token id in _rank, so entries need sorting only to sum duplicate genes
-        m = K.remap_columns(csr, plan.colmap, plan.n_out, _maps_columns_together(plan.colmap))
+        m = K.remap_columns(csr, plan.colmap, plan.n_out, plan.merges_columns)
         lengths = np.diff(m.indptr)
         if np.any((n_counts <= 0) & (lengths > 0)):
             bad = lo + int(np.flatnonzero((n_counts <= 0) & (lengths > 0))[0])
@@ -195,8 +195,3 @@ class RankValueTokenizer(ChunkTokenizer):
         keep = rank < limit
         return tokens[order][keep], np.minimum(lengths, limit)
 
-
-def _maps_columns_together(colmap: np.ndarray) -> bool:
-    """True when two data columns map to the same output column (their counts must be summed)."""
-    mapped = colmap[colmap >= 0]
-    return bool(np.unique(mapped).size < mapped.size)

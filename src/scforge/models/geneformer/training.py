@@ -30,6 +30,21 @@ from scforge.train import OptimConfig, TrainConfig, TrainingModule, batch_seed, 
 IGNORE_INDEX = -100
 
 
+def mlm_corrupt(ids: np.ndarray, selectable: np.ndarray, rng: np.random.Generator, probability: float,
+                mask_id: int, random_pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """BERT's masked-LM corruption of token ids: each ``selectable`` token is chosen with ``probability``;
+    a chosen token becomes ``mask_id`` (80%), a token drawn from ``random_pool`` (10%) or stays (10%).
+    Returns the corrupted inputs and the labels (the original id where chosen, else -100)."""
+    selected = selectable & (rng.random(ids.size) < probability)
+    labels = np.where(selected, ids, IGNORE_INDEX)
+    action = rng.random(ids.size)
+    inputs = ids.copy()
+    inputs[selected & (action < 0.8)] = mask_id
+    randomize = selected & (action >= 0.8) & (action < 0.9)
+    inputs[randomize] = random_pool[rng.integers(0, random_pool.size, int(randomize.sum()))]
+    return inputs, labels
+
+
 class GeneformerMLMCollator:
     """Packed masked-LM batches from tokenized cells.
 
@@ -73,14 +88,8 @@ class GeneformerMLMCollator:
                                  gene_ids=np.concatenate([sub.cell(i)[0][:self.max_length] for i in range(sub.n_cells)]),
                                  values=None, obs_names=sub.obs_names, meta=sub.meta)
         ids = sub.gene_ids.astype(np.int64)
-        selectable = ~self.special[ids]
-        selected = selectable & (rng.random(ids.size) < self.mlm_probability)
-        labels = np.where(selected, ids, IGNORE_INDEX)
-        action = rng.random(ids.size)
-        inputs = ids.copy()
-        inputs[selected & (action < 0.8)] = self.mask_id
-        randomize = selected & (action >= 0.8) & (action < 0.9)
-        inputs[randomize] = self.random_pool[rng.integers(0, self.random_pool.size, int(randomize.sum()))]
+        inputs, labels = mlm_corrupt(ids, ~self.special[ids], rng, self.mlm_probability, self.mask_id,
+                                     self.random_pool)
         return {
             "input_ids": torch.from_numpy(inputs),
             "labels": torch.from_numpy(labels),

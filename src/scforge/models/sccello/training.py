@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from scforge.errors import ConfigError, InputDataError
+from scforge.models.geneformer.training import mlm_corrupt
 from scforge.models.sccello.losses import (
     cell_type_coherence_loss,
     masked_gene_prediction_loss,
@@ -58,14 +59,8 @@ class ScCelloCollator:
         rng = np.random.default_rng(batch_seed(self.seed, epoch, int(idx[0]), idx.size))
         batch = self.cells.pack(idx, as_torch=False)
         ids = batch["genes"]
-        eligible = ids != self.cls_id
-        chosen = eligible & (rng.random(ids.size) < self.mlm_probability)
-        labels = np.where(chosen, ids, UNLABELLED)
-        draw = rng.random(ids.size)
-        masked = ids.copy()
-        masked[chosen & (draw < 0.8)] = self.mask_id
-        swap = chosen & (draw >= 0.8) & (draw < 0.9)
-        masked[swap] = rng.integers(*self.gene_id_range, size=int(swap.sum()))
+        masked, labels = mlm_corrupt(ids, ids != self.cls_id, rng, self.mlm_probability, self.mask_id,
+                                     np.arange(*self.gene_id_range))
         return {
             "input_ids": torch.from_numpy(masked), "labels": torch.from_numpy(labels),
             "cu_seqlens": torch.from_numpy(batch["cu_seqlens"].astype(np.int64)), "max_seqlen": batch["max_seqlen"],
