@@ -250,6 +250,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from scforge.bench import load_config, run_matrix
+
+    config = load_config(args.config)
+    if args.output:
+        config = dataclasses.replace(config, output=Path(args.output).resolve())
+    run = run_matrix(config, fresh=args.fresh, report=not args.no_report,
+                     log=None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True)))
+    print(json.dumps({"computed": len(run.computed), "reused": len(run.reused), "skipped": run.skipped,
+                      "rows": int(len(run.results)), "files": {k: str(v) for k, v in run.files.items()}}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scforge",
@@ -355,6 +370,14 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     pred.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     pred.set_defaults(func=_cmd_predict)
+
+    bench = sub.add_parser("bench", help="run an experiment matrix (models x datasets x modes x seeds x fractions)")
+    bench.add_argument("config", help="matrix config (.yaml/.yml/.toml); see docs/evaluation.md")
+    bench.add_argument("--output", help="results folder (default: the config's 'output')")
+    bench.add_argument("--fresh", action="store_true", help="recompute finished units (embeddings stay cached)")
+    bench.add_argument("--no-report", action="store_true", help="skip the HTML report")
+    bench.add_argument("--quiet", action="store_true", help="no progress lines")
+    bench.set_defaults(func=_cmd_bench)
 
     demo = sub.add_parser("demo", help="annotation on scanpy's pbmc68k_reduced with the shipped default model")
     demo.add_argument("--out", default="demo-report", help="report folder (default demo-report/)")

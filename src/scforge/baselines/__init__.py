@@ -1,5 +1,22 @@
-"""Simple baselines that foundation models must beat (more arrive with the evaluation harness)."""
+"""Simple baselines that foundation models must beat: L1 logistic regression on log-normalised expression
+(sc-foundation-eval), HVG + PCA embeddings, kNN / logistic probes on any embedding, and Harmony integration.
 
-from scforge.baselines.logistic import LogisticBaseline, log1p_cp10k
+Heavy libraries (scanpy, harmonypy) are imported only when a function needs them.
+"""
 
-__all__ = ["LogisticBaseline", "log1p_cp10k"]
+from scforge.baselines.harmony import harmony_integrate, harmony_pca
+from scforge.baselines.logistic import DEFAULT_C_GRID, LogisticBaseline, log1p_cp10k, log2_cp10k
+from scforge.baselines.pca import HVGPCA, hvg_pca
+from scforge.baselines.probes import EmbeddingClassifier
+
+__all__ = [
+    "DEFAULT_C_GRID",
+    "EmbeddingClassifier",
+    "HVGPCA",
+    "LogisticBaseline",
+    "harmony_integrate",
+    "harmony_pca",
+    "hvg_pca",
+    "log1p_cp10k",
+    "log2_cp10k",
+]

@@ -3,5 +3,13 @@ clustering of embeddings (Leiden with a resolution sweep; NMI, ARI, label ASW, A
 
 from scforge.metrics.classification import ClassificationReport, classification_metrics
 from scforge.metrics.clustering import ClusteringReport, best_leiden, clustering_metrics
+from scforge.metrics.integration import (
+    IntegrationReport,
+    avg_batch,
+    avg_bio,
+    integration_metrics,
+    integration_metrics_adata,
+)
 
 __all__ = ["ClassificationReport", "ClusteringReport", "best_leiden", "classification_metrics", "clustering_metrics"]
+__all__ += ["IntegrationReport", "avg_batch", "avg_bio", "integration_metrics", "integration_metrics_adata"]

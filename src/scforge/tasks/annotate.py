@@ -52,6 +52,9 @@ class AnnotationBackend(ABC):
 
     family: str = ""
     n_special: int = 0  # special tokens in every tokenized cell (a cell with no more has no gene)
+    # parameter-name prefixes of the input embeddings (gene/value tables), frozen by the
+    # "no pre-training + frozen embeddings" ablation
+    embedding_prefixes: tuple[str, ...] = ()
 
     def __init__(self, model: Any) -> None:
         self.model = model

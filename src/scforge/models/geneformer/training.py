@@ -201,6 +201,7 @@ class GeneformerAnnotationBackend(AnnotationBackend):
     ``Classifier``), linear probing on :meth:`Geneformer.embed` (``<cls>`` for V2, gene mean for V1)."""
 
     family = "geneformer"
+    embedding_prefixes = ("bert.embeddings.",)
 
     def __init__(self, model: Any) -> None:
         super().__init__(model)

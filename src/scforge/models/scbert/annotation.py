@@ -25,6 +25,7 @@ from scforge.tokenize.ragged import TokenizedCells
 class ScBERTAnnotationBackend(AnnotationBackend):
     family = "scbert"
     n_special = 0
+    embedding_prefixes = ("token_emb.", "pos_emb.")
 
     @property
     def embedding_dim(self) -> int:

@@ -20,6 +20,8 @@ from scforge.tokenize.ragged import TokenizedCells
 class ScGPTAnnotationBackend(AnnotationBackend):
     family = "scgpt"
     n_special = 1  # <cls>
+    # sc-foundation-eval's "freeze" ablation: names containing "encoder" but not "transformer_encoder"
+    embedding_prefixes = ("encoder.", "value_encoder.", "flag_encoder.")
 
     def __init__(self, model: Any) -> None:
         super().__init__(model)
