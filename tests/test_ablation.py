@@ -74,11 +74,14 @@ def test_scgpt_untrained_copy_matches_a_new_model_with_the_same_seed():
 
 
 def test_embedding_prefixes_name_the_input_tables():
-    assert embedding_prefixes(_scgpt()) == ("encoder.", "value_encoder.", "flag_encoder.")
+    assert embedding_prefixes(_scgpt()) == ("encoder.", "value_encoder.")  # no flag_encoder in this model
     names = [n for n, _ in _scgpt().module.named_parameters()]
     # sc-foundation-eval: every name containing "encoder" but not "transformer_encoder"
     expected = {n for n in names if "encoder" in n and "transformer_encoder" not in n}
     assert {n for n in names if n.startswith(embedding_prefixes(_scgpt()))} == expected
+    import scforge
+
+    assert embedding_prefixes(scforge.load("default")) == ("encoder.", "value_encoder.", "flag_encoder.")
     assert embedding_prefixes(_geneformer()) == ("bert.embeddings.",)
     gf = [n for n, _ in _geneformer().module.named_parameters() if n.startswith("bert.embeddings.")]
     assert any("word_embeddings" in n for n in gf)

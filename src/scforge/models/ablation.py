@@ -40,7 +40,9 @@ def embedding_prefixes(model: Any) -> tuple[str, ...]:
     """Parameter-name prefixes of ``model``'s input embedding tables (gene and value encoders)."""
     from scforge.tasks.annotate import backend_of
 
-    prefixes = backend_of(model).embedding_prefixes
+    declared = backend_of(model).embedding_prefixes
+    names = [n for n, _ in model.module.named_parameters()]
+    prefixes = tuple(p for p in declared if any(n.startswith(p) for n in names))  # e.g. no flag_encoder
     if not prefixes:
         raise ConfigError(f"{type(model).__name__} does not declare its embedding parameters.")
-    return tuple(prefixes)
+    return prefixes
