@@ -51,7 +51,7 @@ def test_few_shot_splits_are_stratified_nested_in_the_pool_and_reproducible():
 
 
 def test_splits_refuse_bad_input():
-    with pytest.raises(InputDataError, match="no label"):
+    with pytest.raises(InputDataError, match="missing labels.*labelled cells"):
         holdout_split(np.array(["A", None, "B"], dtype=object))
     with pytest.raises(ConfigError, match="fractions"):
         subsample(LABELS, np.arange(10), 0.0, 0)

@@ -254,6 +254,18 @@ def test_same_seed_same_scores(synthetic_run):
     pd.testing.assert_frame_equal(rep.table, again.table, check_exact=True)
 
 
+@pytest.mark.slow
+def test_unintegrated_used_for_pcr_only_gives_the_same_row(synthetic_run):
+    embs, labels, batches, rep = synthetic_run
+    only = integration_metrics(embs, labels, batches, unintegrated="split", clustering="leiden", seed=0,
+                               score_unintegrated=False)
+    assert list(only.table.index) == ["mixed"]
+    pd.testing.assert_frame_equal(only.table.loc[["mixed"]], rep.table.loc[["mixed"]], check_exact=True)
+    with pytest.raises(ConfigError, match="no embedding to score"):
+        integration_metrics({"split": embs["split"]}, labels, batches, unintegrated="split",
+                            score_unintegrated=False)
+
+
 @pytest.fixture(scope="module")
 def ifnb_embeddings(ifnb_small):
     import anndata as ad

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from scforge._inputs import as_embedding
 from scforge.baselines.logistic import as_labels
 from scforge.baselines.pca import hvg_pca
-from scforge.baselines.probes import as_embedding
 from scforge.errors import ConfigError, DependencyError, InputDataError
 
 

@@ -21,6 +21,7 @@ import scipy.sparse as sp
 from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
 
+from scforge._inputs import as_labels as check_labels
 from scforge.errors import ConfigError, InputDataError
 from scforge.matrix import as_source, require_counts
 
@@ -97,21 +98,8 @@ def align_genes(x: sp.csr_matrix, names: pd.Index, genes: pd.Index, where: str =
 
 
 def as_labels(labels: Any, n: int | None = None, what: str = "labels") -> np.ndarray:
-    """``labels`` as a 1-d object array of str; :class:`InputDataError` for missing values or a length other
-    than ``n``."""
-    if isinstance(labels, (pd.Series, pd.Index, pd.Categorical)):
-        arr = np.asarray(pd.Series(labels).to_numpy(dtype=object), dtype=object)
-    else:
-        arr = np.asarray(labels, dtype=object)
-    if arr.ndim != 1:
-        raise InputDataError(f"{what} must be one value per cell (1-d), got shape {arr.shape}.")
-    if n is not None and arr.size != n:
-        raise InputDataError(f"{arr.size} {what} for {n} cells; give exactly one per cell, in cell order.")
-    missing = pd.isna(arr)
-    if missing.any():
-        raise InputDataError(f"{what} hold {int(missing.sum())} missing values (NaN/None), e.g. at cells "
-                             f"{np.flatnonzero(missing)[:5].tolist()}; drop those cells or fill them in first.")
-    return np.array([str(v) for v in arr], dtype=object)
+    """``labels`` as a 1-d object array of str (:func:`scforge._inputs.as_labels` checks them first)."""
+    return np.array([str(v) for v in check_labels(labels, n=n, what=what)], dtype=object)
 
 
 def _require_classes(y: np.ndarray, what: str = "labels") -> np.ndarray:

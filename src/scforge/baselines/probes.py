@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from scforge._inputs import as_embedding
 from scforge.baselines.logistic import _check_C, _require_classes, as_labels
-from scforge.errors import ConfigError, InputDataError
+from scforge.errors import ConfigError
 
 KINDS = ("knn", "logistic")
 
@@ -21,25 +22,6 @@ def l2_normalized(x: np.ndarray) -> np.ndarray:
     """Rows divided by their L2 norm (zero rows stay zero), as ``scforge.tasks.annotate``'s linear probe."""
     x = np.asarray(x, dtype=np.float64)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def as_embedding(embedding: Any, what: str = "embedding", width: int | None = None) -> np.ndarray:
-    """A finite 2-d float64 array ``[cells, dims]`` (a copy), or :class:`InputDataError` saying what is wrong."""
-    try:
-        x = np.array(embedding.toarray() if hasattr(embedding, "toarray") else embedding, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise InputDataError(f"the {what} must be a numeric cells x dims array ({exc}).") from None
-    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
-        raise InputDataError(f"the {what} must be a non-empty 2-d cells x dims array, got shape {x.shape}.")
-    if width is not None and x.shape[1] != width:
-        raise InputDataError(f"the {what} has {x.shape[1]} dimensions but the classifier was fitted on {width}; "
-                             "embed the cells with the same model (and settings) as the training cells.")
-    bad = ~np.isfinite(x)
-    if bad.any():
-        rows = np.flatnonzero(bad.any(axis=1))
-        raise InputDataError(f"the {what} holds {int(bad.sum())} NaN/inf values in {rows.size} cells (e.g. rows "
-                             f"{rows[:5].tolist()}); drop those cells or fix the embedding.")
-    return x
 
 
 class EmbeddingClassifier:

@@ -155,13 +155,24 @@ def _read(path: Path) -> dict[str, Any]:
     return data
 
 
-def _dataset(name: str, spec: Any, base: Path) -> DatasetSpec:
+def _entry(section: str, name: str, spec: Any, wanted: str) -> tuple[dict[str, Any], str]:
+    """A ``datasets``/``models`` entry as a fresh dict (a bare string is its path) and its path."""
     if isinstance(spec, str):
         spec = {"path": spec}
     if not isinstance(spec, dict) or "path" not in spec:
-        raise ConfigError(f"datasets.{name}: give a mapping with at least 'path' (and 'label_key').")
+        raise ConfigError(f"{section}.{name}: give a mapping with {wanted}.")
     spec = dict(spec)
-    raw = str(spec.pop("path"))
+    return spec, str(spec.pop("path"))
+
+
+def _local(raw: str, base: Path) -> Path:
+    """``raw`` with ``~`` expanded, relative to ``base`` unless absolute."""
+    path = Path(os.path.expanduser(raw))
+    return path if path.is_absolute() else base / path
+
+
+def _dataset(name: str, spec: Any, base: Path) -> DatasetSpec:
+    spec, raw = _entry("datasets", name, spec, "at least 'path' (and 'label_key')")
     label_key, batch_key = spec.pop("label_key", None), spec.pop("batch_key", None)
     if raw.startswith("shared:"):
         key = raw.split(":", 1)[1]
@@ -176,8 +187,7 @@ def _dataset(name: str, spec: Any, base: Path) -> DatasetSpec:
         label_key = label_key or default_label
         batch_key = batch_key or default_batch
     else:
-        path = Path(os.path.expanduser(raw))
-        path = path if path.is_absolute() else base / path
+        path = _local(raw, base)
     if not label_key:
         raise ConfigError(f"datasets.{name}: 'label_key' (the obs column of cell labels) is required.")
     layer = spec.pop("layer", None)
@@ -188,16 +198,8 @@ def _dataset(name: str, spec: Any, base: Path) -> DatasetSpec:
 
 
 def _model(name: str, spec: Any, base: Path) -> ModelSpec:
-    if isinstance(spec, str):
-        spec = {"path": spec}
-    if not isinstance(spec, dict) or "path" not in spec:
-        raise ConfigError(f"models.{name}: give a mapping with 'path' (\"default\", a folder or a checkpoint).")
-    spec = dict(spec)
-    raw = str(spec.pop("path"))
-    path = raw
-    if raw != "default":
-        p = Path(os.path.expanduser(raw))
-        path = str(p if p.is_absolute() else base / p)
+    spec, raw = _entry("models", name, spec, "'path' (\"default\", a folder or a checkpoint)")
+    path = raw if raw == "default" else str(_local(raw, base))
     try:
         return ModelSpec(name=name, path=path, **spec)
     except TypeError:
@@ -207,9 +209,7 @@ def _model(name: str, spec: Any, base: Path) -> ModelSpec:
 
 def _tuple(data: dict, key: str, default: tuple, kind: type) -> tuple:
     value = data.pop(key, default)
-    if isinstance(value, kind | str) and kind is not str:
-        value = [value]
-    if isinstance(value, str):
+    if isinstance(value, str | int | float):  # a single value stands for a list of one
         value = [value]
     try:
         return tuple(kind(v) for v in value)
@@ -260,9 +260,9 @@ def parse_config(data: dict[str, Any], base: Path, *, source: str = "config") ->
     except TypeError:
         raise ConfigError(f"{source}: training takes {list(TrainingSpec.__dataclass_fields__)}, got "
                           f"{sorted(training)}.") from None
-    output = Path(os.path.expanduser(str(data.pop("output", "scforge-bench"))))
+    output = _local(str(data.pop("output", "scforge-bench")), base)
     cache = data.pop("cache", None)
-    cache = None if cache is None else Path(os.path.expanduser(str(cache)))
+    cache = None if cache is None else _local(str(cache), base)
     kwargs = {}
     for key, kind in (("test_size", float), ("split_seed", int), ("integration", bool), ("annotation", bool),
                       ("n_neighbors", int), ("probe_C", float), ("n_pcs", int), ("n_top_genes", int),
@@ -280,11 +280,10 @@ def parse_config(data: dict[str, Any], base: Path, *, source: str = "config") ->
         raise ConfigError(f"{source}: integration needs a dataset with batch_key.")
     if modes and not models:
         modes = ()
-    return MatrixConfig(name=name, output=output if output.is_absolute() else base / output, datasets=datasets,
+    return MatrixConfig(name=name, output=output, datasets=datasets,
                         models=models, modes=modes, baselines=baselines, seeds=seeds, train_seeds=train_seeds,
                         fractions=fractions, train_fractions=train_fractions,
-                        training=training, cache=None if cache is None else (cache if cache.is_absolute()
-                                                                             else base / cache), **kwargs)
+                        training=training, cache=cache, **kwargs)
 
 
 def load_config(path: str | os.PathLike) -> MatrixConfig:

@@ -113,7 +113,7 @@ def bar_figure(results: pd.DataFrame, dataset: str) -> str | None:
         names = [series_name(a, b, c) for a, b, c in zip(d.method, d["mode"], d.kind)]
         colors = [_style(i, k)["color"] for i, k in enumerate(d.kind)]
         ax.bar(range(len(d)), d["mean"], yerr=d.ci95, color=colors, capsize=3,
-               hatch=None, edgecolor=["black" if k == "baseline" else "none" for k in d.kind])
+               edgecolor=["black" if k == "baseline" else "none" for k in d.kind])
         base = d[d.kind == "baseline"]
         if len(base):
             ax.axhline(base["mean"].max(), color="black", linestyle="--", lw=1, label="best baseline")

@@ -119,6 +119,7 @@ class _Runner:
         self._models: dict[str, tuple[Any, str]] = {}
         self._model_fp: dict[str, str] = {}
         self._splits: dict[str, list[Split]] = {}
+        self.model_specs = {m.name: m for m in config.models}
 
     # ---- inputs ------------------------------------------------------------------------------------
     def dataset(self, spec: DatasetSpec) -> _Dataset:
@@ -192,7 +193,7 @@ class _Runner:
             return self.pca(ds)
         if name == "harmony":
             return self.harmony(ds)
-        return self.model_embedding(ds, next(m for m in self.config.models if m.name == name))
+        return self.model_embedding(ds, self.model_specs[name])
 
     # ---- units -------------------------------------------------------------------------------------
     def units(self) -> tuple[list[Unit], list[str]]:
@@ -240,7 +241,7 @@ class _Runner:
                     s = {"data": ds.fingerprint, "label_key": dspec.label_key, "batch_key": dspec.batch_key,
                          "layer": dspec.layer, "n_pcs": c.n_pcs, "n_top_genes": c.n_top_genes, "seed": c.split_seed}
                     if kind == "model":
-                        m = next(m for m in c.models if m.name == name)
+                        m = self.model_specs[name]
                         s.update(model=self.model_fingerprint(m), max_length=m.max_length)
                     units.append(Unit("integration", dspec.name, name, kind, "zero_shot" if kind == "model"
                                       else "baseline", c.split_seed, float("nan"), s))
@@ -285,7 +286,7 @@ class _Runner:
         from scforge.models.ablation import embedding_prefixes, untrained_copy
         from scforge.tasks.annotate import fine_tune
 
-        c, spec = self.config.training, next(m for m in self.config.models if m.name == unit.method)
+        c, spec = self.config.training, self.model_specs[unit.method]
         model = self.model(spec)
         freeze: tuple[str, ...] = ()
         if unit.mode != "fine_tune":
@@ -307,7 +308,9 @@ class _Runner:
         embs = {"pca": self.pca(ds)[lab]}
         if unit.method != "pca":
             embs[unit.method] = self.embedding(ds, unit.method)[lab]
-        report = integration_metrics(embs, ds.labels, ds.batches[lab], unintegrated="pca", seed=unit.seed)
+        # the unintegrated PCA is PCR's reference; its own row is the "pca" unit's, not scored again here
+        report = integration_metrics(embs, ds.labels, ds.batches[lab], unintegrated="pca", seed=unit.seed,
+                                     score_unintegrated=unit.method == "pca")
         row = report.table.loc[unit.method]
         values = {str(k): float(v) for k, v in row.items() if pd.notna(v)}
         values["seconds"] = time.perf_counter() - t0

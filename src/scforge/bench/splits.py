@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
+from scforge._inputs import as_labels
 from scforge.errors import ConfigError, InputDataError
 
 
@@ -31,12 +31,10 @@ class Split:
 
 
 def _labels(labels: Any) -> np.ndarray:
-    y = pd.Series(np.asarray(labels, dtype=object).ravel())
-    if y.isna().any():
-        raise InputDataError(f"{int(y.isna().sum())} cells have no label (NaN); select the labelled cells first.")
+    y = as_labels(labels, hint="select the labelled cells first")
     if y.size == 0:
         raise InputDataError("no cells to split.")
-    return y.astype(str).to_numpy()
+    return y.astype(str)
 
 
 def holdout_split(labels: Any, test_size: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from scforge._inputs import as_labels
 from scforge.errors import ConfigError, InputDataError
 
 
@@ -64,16 +65,6 @@ def _plain(x: Any) -> Any:
     return x.item() if isinstance(x, np.generic) else x
 
 
-def _as_labels(values: Any, name: str) -> np.ndarray:
-    arr = np.asarray(pd.Series(values).to_numpy(dtype=object) if isinstance(values, pd.Categorical) else values,
-                     dtype=object).ravel()
-    missing = pd.isna(arr)
-    if missing.any():
-        raise InputDataError(f"{name} holds {int(missing.sum())} missing labels (NaN/None); drop those cells "
-                             "before scoring.")
-    return arr
-
-
 def _sorted_union(a: np.ndarray, b: np.ndarray) -> list[Any]:
     union = list(dict.fromkeys(list(a) + list(b)))
     try:
@@ -96,7 +87,7 @@ def classification_metrics(y_true: Sequence[Any] | np.ndarray | pd.Series, y_pre
         precision_recall_fscore_support,
     )
 
-    t, p = _as_labels(y_true, "y_true"), _as_labels(y_pred, "y_pred")
+    t, p = as_labels(y_true, what="y_true"), as_labels(y_pred, what="y_pred")
     if t.size != p.size:
         raise InputDataError(f"y_true has {t.size} labels but y_pred has {p.size}; give one of each per cell.")
     if t.size == 0:

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from scforge._inputs import as_embedding, as_labels
 from scforge.errors import ConfigError, InputDataError
 
 __all__ = ["IntegrationReport", "avg_batch", "avg_bio", "integration_metrics", "integration_metrics_adata"]
@@ -138,20 +139,8 @@ def _per_cell(values: Any, name: str) -> np.ndarray:
     """One value per cell as integer codes (sorted order of the values); rejects missing values."""
     if values is None:
         raise ConfigError(f"{name} is None; pass one {name[:-1] if name.endswith('es') else name} value per cell.")
-    if isinstance(values, (pd.Series, pd.Index, pd.Categorical)):
-        arr = pd.Series(values).to_numpy(dtype=object)
-    else:
-        arr = np.asarray(values, dtype=object)
-    if arr.ndim == 2 and arr.shape[1] == 1:
-        arr = arr[:, 0]
-    if arr.ndim != 1:
-        raise InputDataError(f"{name} must be one value per cell (1-d), got shape {arr.shape}.")
-    missing = np.flatnonzero(pd.isna(arr))
-    if missing.size:
-        raise InputDataError(
-            f"{name} holds {missing.size} missing values (NaN/None) out of {arr.size} cells (first at positions "
-            f"{missing[:5].tolist()}); subset to the cells that have a {name[:-1] if name.endswith('s') else name} "
-            "first, e.g. adata[adata.obs[key].notna()].")
+    arr = as_labels(values, what=name, hint=f"subset to the cells that have a {name[:-1] if name.endswith('s') else name} "
+                    "first, e.g. adata[adata.obs[key].notna()]")
     # codes in the sorted order of the values, so scib-metrics loops over labels in the same order as when
     # called on the values themselves (its kbet_per_label result depends on that order)
     uniques = list(pd.unique(arr))
@@ -161,38 +150,6 @@ def _per_cell(values: Any, name: str) -> np.ndarray:
         ordered = sorted(uniques, key=lambda v: (str(v), type(v).__name__))
     code = {v: i for i, v in enumerate(ordered)}
     return np.fromiter((code[v] for v in arr), dtype=np.int64, count=arr.size)
-
-
-def _as_embedding(value: Any, name: str) -> np.ndarray:
-    """A finite float32 [cells, dims] copy (the caller's array is never handed to scib-metrics, whose
-    k-means centres its input in place)."""
-    try:
-        import scipy.sparse as sp
-
-        if sp.issparse(value):
-            value = value.toarray()
-    except ImportError:  # pragma: no cover - scipy comes with scikit-learn
-        pass
-    if isinstance(value, pd.DataFrame):
-        value = value.to_numpy()
-    arr = np.asarray(value)
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-        raise InputDataError(f"embedding {name!r} is not numeric (dtype {arr.dtype}); pass a [cells, dims] "
-                             "float array.")
-    if np.iscomplexobj(arr):
-        raise InputDataError(f"embedding {name!r} is complex; pass a real [cells, dims] array.")
-    if arr.ndim != 2 or arr.shape[1] == 0:
-        raise InputDataError(f"embedding {name!r} must be a 2-d array [cells, dims] with at least one dim, "
-                             f"got shape {arr.shape}.")
-    x = np.array(arr, dtype=np.float32, order="C", copy=True)
-    bad = ~np.isfinite(x)
-    if bad.any():
-        rows = np.flatnonzero(bad.any(axis=1))
-        overflow = " (values too large for float32)" if np.isfinite(arr).all() else ""
-        raise InputDataError(
-            f"embedding {name!r} has {int(bad.sum())} non-finite values (NaN/inf){overflow} in {rows.size} cells "
-            f"(first rows {rows[:5].tolist()}); drop or fix those cells in every input.")
-    return x
 
 
 def _check_inputs(embeddings: Any, labels: Any, batches: Any, unintegrated: str | None,
@@ -218,7 +175,10 @@ def _check_inputs(embeddings: Any, labels: Any, batches: Any, unintegrated: str 
         raise ConfigError(f"unintegrated={unintegrated!r} is not one of the embeddings {list(embeddings)}; name "
                           "the entry holding the pre-integration embedding (e.g. PCA of the log-normalised data), "
                           "or pass None to skip PCR comparison.")
-    embs = {key: _as_embedding(value, key) for key, value in embeddings.items()}
+    # float32 copies: the caller's arrays are never handed to scib-metrics, whose k-means centres its input
+    # in place
+    embs = {key: as_embedding(value, what=f"embedding {key!r}", dtype=np.float32)
+            for key, value in embeddings.items()}
     sizes = {key: x.shape[0] for key, x in embs.items()}
     if len(set(sizes.values())) > 1:
         raise InputDataError(f"embeddings have different numbers of cells: {sizes}; every embedding must hold "
@@ -299,13 +259,14 @@ def _scib_session(quiet: bool) -> Iterator[None]:
 def integration_metrics(embeddings: Mapping[str, Any], labels: Sequence[Any] | np.ndarray | pd.Series,
                         batches: Sequence[Any] | np.ndarray | pd.Series, *, unintegrated: str | None = None,
                         clustering: str = "kmeans", neighbors: str = "pynndescent", n_jobs: int = 1,
-                        seed: int = 0, progress: bool = False) -> IntegrationReport:
+                        seed: int = 0, progress: bool = False, score_unintegrated: bool = True) -> IntegrationReport:
     """Score embeddings of the same cells for batch integration (scib-metrics) and scGPT's AvgBIO/AvgBATCH.
 
     ``embeddings``: {name: [cells, dims]}, same cells in the same order; ``labels`` (cell types) and
     ``batches``: one per cell, no missing values. ``unintegrated`` names the entry of ``embeddings``
     that is the pre-integration embedding, used by PCR comparison (without it ``pcr`` is NaN and a note
-    says so). ``clustering``: "kmeans" (scib-metrics' jax k-means, k = number of labels, its fixed seed
+    says so); ``score_unintegrated=False`` uses it for PCR only and leaves its own row out (no metrics
+    are computed for it, e.g. when its scores are already known). ``clustering``: "kmeans" (scib-metrics' jax k-means, k = number of labels, its fixed seed
     0) or "leiden" (best NMI over 10 resolutions, seeded by ``seed``). ``neighbors``: "pynndescent"
     (Benchmarker's default, approximate, seeded by ``seed``) or "exact" (scikit-learn). Each embedding's
     neighbour graph is computed once. Embeddings are scored as float32 copies; labels and batches as
@@ -317,8 +278,10 @@ def integration_metrics(embeddings: Mapping[str, Any], labels: Sequence[Any] | n
     import scib_metrics
     from scib_metrics.benchmark import BatchCorrection, Benchmarker, BioConservation
 
-    names = list(embs)
-    keys = {name: f"emb{i}" for i, name in enumerate(names)}
+    keys = {name: f"emb{i}" for i, name in enumerate(embs)}
+    names = [name for name in embs if score_unintegrated or name != unintegrated]
+    if not names:
+        raise ConfigError("score_unintegrated=False leaves no embedding to score; add the embeddings to compare.")
     n = lab.size
     adata = ad.AnnData(obs=pd.DataFrame({"label": lab, "batch": bat}, index=[str(i) for i in range(n)]))
     # float64 copies of the float32 values: every scib-metrics step converts them back to float32 (same
@@ -329,13 +292,14 @@ def integration_metrics(embeddings: Mapping[str, Any], labels: Sequence[Any] | n
     bio = BioConservation(nmi_ari_cluster_labels_kmeans=clustering == "kmeans", nmi_ari_cluster_labels_leiden=leiden)
     batch = BatchCorrection(pcr_comparison=unintegrated is not None)
     # PCR's pre-integration embedding; without PCR it is unused, but naming one stops Benchmarker's PCA
-    pre_key = keys[unintegrated if unintegrated is not None else names[0]]
+    pre_key = keys[unintegrated] if unintegrated is not None else keys[names[0]]
     notes = []
     if unintegrated is None:
         notes.append("pcr: not computed (PCR comparison needs the pre-integration embedding; pass unintegrated=).")
     with _scib_session(quiet=not progress):
         sil_batch = {name: float(scib_metrics.silhouette_batch(embs[name], lab, bat)) for name in names}
-        bench = Benchmarker(adata, batch_key="batch", label_key="label", embedding_obsm_keys=list(keys.values()),
+        bench = Benchmarker(adata, batch_key="batch", label_key="label",
+                            embedding_obsm_keys=[keys[name] for name in names],
                             bio_conservation_metrics=bio, batch_correction_metrics=batch,
                             pre_integrated_embedding_obsm_key=pre_key, n_jobs=n_jobs, progress_bar=progress)
         bench.prepare(neighbor_computer=_neighbor_computer(neighbors, int(seed), n_jobs))
