@@ -85,7 +85,7 @@ def test_gene2vec_errors(tmp_path):
     with pytest.raises(CheckpointError, match=r"shape \(6, 3\), expected \(5, 4\)"):
         load_gene2vec(tmp_path / "bad.npy", panel_size=5, dim=4)
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(CheckpointError, match="plain .npy"):
+    with pytest.raises(UnsafeFileError, match="object array"):  # a pickle: refused (tests/test_checkpoint_safety.py)
         load_gene2vec(tmp_path / "obj.npy", panel_size=5, dim=4)
     table = load_gene2vec(np.ones((5, 4)), panel_size=5, dim=4)
     assert table.shape == (6, 4) and table[-1].abs().sum() == 0 and table.dtype == torch.float32

@@ -4,7 +4,9 @@
   "sha256": {"model.safetensors": "<hex>"}}``;
 * ``model.safetensors``: the weights (no pickle anywhere, so loading runs no code);
 * ``vocab.json``: the gene vocabulary in scforge's JSON format (:meth:`GeneVocab.save`);
-* ``card.md``: a human-readable model card.
+* ``card.md``: a human-readable model card, ending with the sha256 of ``model.safetensors``
+  (a section scforge adds on saving and strips again on loading, so :attr:`ModelFolder.card` is
+  the card text as given).
 
 :func:`save_model_folder` builds the folder in a temporary sibling and renames it into place, so
 a crash never leaves a half-written folder at the target; :func:`load_model_folder` checks every
@@ -28,6 +30,7 @@ import torch
 
 from scforge.errors import CheckpointError, ConfigError, VocabularyError
 from scforge.genes.vocab import GeneVocab
+from scforge.hub.checksums import verify_listed_checksums
 
 __all__ = [
     "ModelFolder",
@@ -48,6 +51,8 @@ FOLDER_FILES = (CONFIG_FILE, WEIGHTS_FILE, VOCAB_FILE, CARD_FILE)
 #: safetensors metadata entry holding the state dict's key order (safetensors sorts tensors)
 ORDER_KEY = "scforge_key_order"
 _REQUIRED_KEYS = ("scforge_format", "family", "config", "sha256")
+#: marks the checksum section scforge appends to ``card.md`` (see :func:`card_with_checksums`)
+CARD_CHECKSUMS_MARK = "<!-- scforge:checksums -->"
 _BLOCK = 1 << 20
 
 
@@ -133,6 +138,19 @@ def _config_json(family: str, config: dict, weights_sha: str) -> str:
         ) from None
 
 
+def card_with_checksums(card: str, digests: Mapping[str, str]) -> str:
+    """``card`` plus a "Checksums" section listing ``- `name` sha256: <hex>`` per file (the form
+    :mod:`scforge.hub.checksums` reads); an earlier such section is replaced."""
+    lines = "".join(f"- `{name}` sha256: {digest}\n" for name, digest in digests.items())
+    return f"{card_without_checksums(card)}\n{CARD_CHECKSUMS_MARK}\n## Checksums\n\n{lines}"
+
+
+def card_without_checksums(text: str) -> str:
+    """The card text without the section :func:`card_with_checksums` appended."""
+    head, mark, _ = text.rpartition(f"\n{CARD_CHECKSUMS_MARK}\n")
+    return head if mark else text
+
+
 def _write_text(path: Path, text: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
@@ -204,10 +222,11 @@ def save_model_folder(
             raise CheckpointError(f"Writing the weights to '{path / WEIGHTS_FILE}' failed: {exc}") from exc
         _fsync(tmp / WEIGHTS_FILE)
         del tensors
-        _write_text(tmp / CONFIG_FILE, _config_json(family, config, sha256_file(tmp / WEIGHTS_FILE)))
+        weights_sha = sha256_file(tmp / WEIGHTS_FILE)
+        _write_text(tmp / CONFIG_FILE, _config_json(family, config, weights_sha))
         vocab.save(tmp / VOCAB_FILE)
         _fsync(tmp / VOCAB_FILE)
-        _write_text(tmp / CARD_FILE, card)
+        _write_text(tmp / CARD_FILE, card_with_checksums(card, {WEIGHTS_FILE: weights_sha}))
         _fsync(tmp)
         _move_into_place(tmp, path, overwrite)
     except BaseException:
@@ -327,7 +346,10 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_model_folder(path: str | os.PathLike) -> ModelFolder:
-    """Read and verify a scforge model folder (files present, config valid, weights checksum)."""
+    """Read and verify a scforge model folder (files present, config valid, weights checksum).
+
+    The weights must match the sha256 in ``config.json``, and any file listed in a ``SHA256SUMS``
+    or model card of the folder must match its digest there (:mod:`scforge.hub.checksums`)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"The model folder '{path}' does not exist. Check the path.")
@@ -350,6 +372,7 @@ def load_model_folder(path: str | os.PathLike) -> ModelFolder:
             f"'{weights}' does not match the checksum in config.json (sha256 {actual[:12]}... instead "
             f"of {expected[:12]}...): the weights file is modified or corrupt. Re-download or re-save the model."
         )
+    verify_listed_checksums(path, known={WEIGHTS_FILE: actual})
     try:
         state_dict = _load_safetensors(weights)
     except Exception as exc:
@@ -359,7 +382,7 @@ def load_model_folder(path: str | os.PathLike) -> ModelFolder:
     except VocabularyError as exc:
         raise CheckpointError(f"The vocabulary of the model folder '{path}' is unusable: {exc}") from exc
     try:
-        card = (path / CARD_FILE).read_text(encoding="utf-8")
+        card = card_without_checksums((path / CARD_FILE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"Cannot read the model card '{path / CARD_FILE}': {exc}.") from None
     return ModelFolder(

@@ -6,11 +6,16 @@ would need ``os.system`` (or any other callable) to load is refused, not run. sc
 refusal into :class:`~scforge.errors.UnsafeFileError` and every other failure (missing, empty,
 truncated, corrupt, not a state dict) into :class:`~scforge.errors.CheckpointError`, each saying
 what was wrong, where and how to fix it.
+
+:func:`safe_numpy_load` reads ``.npy`` / ``.npz`` files with ``allow_pickle=False``: an object
+array (which NumPy stores as a pickle) is refused with :class:`~scforge.errors.UnsafeFileError`
+naming the globals its pickle references (found by decoding the opcodes, never by running them).
 """
 
 from __future__ import annotations
 
 import logging
+import io
 import os
 import pickle
 import pickletools
@@ -20,11 +25,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
 import torch
 
 from scforge.errors import CheckpointError, UnsafeFileError
 
-__all__ = ["safe_torch_load", "WRAPPER_KEYS"]
+__all__ = ["safe_torch_load", "safe_torch_load_object", "safe_numpy_load", "WRAPPER_KEYS"]
 
 logger = logging.getLogger("scforge")
 
@@ -66,14 +72,22 @@ def safe_torch_load(path: str | os.PathLike, *, what: str = "checkpoint") -> dic
     empty, truncated, corrupt or not a state dict. Returns a plain ``dict`` in file order.
     """
     path = Path(path)
+    return _as_state_dict(safe_torch_load_object(path, what=what), path, what)
+
+
+def safe_torch_load_object(path: str | os.PathLike, *, what: str = "checkpoint") -> Any:
+    """Whatever ``torch.load(path, weights_only=True)`` returns (on the CPU), e.g. a whole Lightning
+    ``.ckpt`` (state dict, optimizer and loop states), with the errors of :func:`safe_torch_load`:
+    :class:`~scforge.errors.UnsafeFileError` when loading would run code (nothing is run),
+    :class:`~scforge.errors.CheckpointError` when the file is missing, empty or corrupt."""
+    path = Path(path)
     _check_file(path, what)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise _classify_unpickling_error(path, what, str(exc)) from None
     except Exception as exc:  # RuntimeError (bad zip), EOFError, KeyError, struct.error, ...
         raise _corrupt(path, what, f"{type(exc).__name__}: {_first_line(str(exc))}") from None
-    return _as_state_dict(obj, path, what)
 
 
 # ---- checks before loading ----------------------------------------------------------------------
@@ -286,3 +300,93 @@ def _as_state_dict(obj: Any, path: Path, what: str) -> dict[str, torch.Tensor]:
 
 def _plain(mapping: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: (v.detach() if isinstance(v, torch.nn.Parameter) else v) for k, v in mapping.items()}
+
+
+# ---- NumPy files --------------------------------------------------------------------------------
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def safe_numpy_load(path: str | os.PathLike, *, what: str = "array") -> np.ndarray | dict[str, np.ndarray]:
+    """An ``.npy`` array, or the arrays of an ``.npz`` as ``{name: array}``, read with
+    ``allow_pickle=False`` only.
+
+    Object arrays (pickled by NumPy) raise :class:`~scforge.errors.UnsafeFileError` naming the file,
+    the member and the non-data globals the pickle references; nothing from it runs. A missing,
+    truncated or non-NumPy file raises :class:`~scforge.errors.CheckpointError`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"The {what} file '{path}' does not exist (or is not a file). Check the path.")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        raise (_unsafe_numpy(path, what, None) if "allow_pickle" in str(exc) else _bad_numpy(path, what, exc)) from None
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise _bad_numpy(path, what, exc) from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        return loaded
+    out: dict[str, np.ndarray] = {}
+    with loaded:
+        for member in loaded.files:
+            try:
+                out[member] = loaded[member]
+            except ValueError as exc:
+                raise (_unsafe_numpy(path, what, member) if "allow_pickle" in str(exc)
+                       else _bad_numpy(path, what, exc)) from None
+            except (OSError, EOFError, zipfile.BadZipFile) as exc:
+                raise _bad_numpy(path, what, exc) from None
+    return out
+
+
+def _bad_numpy(path: Path, what: str, exc: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"The {what} file '{path}' is not a readable NumPy .npy/.npz file ({type(exc).__name__}: "
+        f"{_first_line(str(exc))}). Save plain numeric arrays with np.save / np.savez, or re-download it."
+    )
+
+
+def _pickle_stream_of(raw: BinaryIO) -> BinaryIO:
+    """Position ``raw`` at the pickle an object ``.npy`` holds after its header (or at 0 for a bare pickle)."""
+    head = raw.read(10)
+    if head[:6] == _NPY_MAGIC and len(head) == 10:
+        major = head[6]
+        if major == 1:
+            size = int.from_bytes(head[8:10], "little")
+            raw.seek(10 + size)
+        else:
+            size = int.from_bytes(head[8:10] + raw.read(2), "little")
+            raw.seek(12 + size)
+    else:
+        raw.seek(0)
+    return raw
+
+
+def _unsafe_numpy(path: Path, what: str, member: str | None) -> UnsafeFileError:
+    from scforge.safe_pickle import ALLOWED_GLOBALS
+
+    allowed = {f"{mod}.{name}" for mod, name in ALLOWED_GLOBALS}
+    found: list[str] = []
+    is_npy = True
+    try:
+        if member is not None:
+            with zipfile.ZipFile(path) as zf, zf.open(f"{member}.npy") as f:
+                raw: BinaryIO = io.BytesIO(f.read())
+        else:
+            raw = io.BytesIO(path.read_bytes())
+        is_npy = raw.read(6) == _NPY_MAGIC
+        raw.seek(0)
+        _scan_stream(_pickle_stream_of(raw), found, 1)
+    except Exception:  # unreadable: the refusal stands, just without the names
+        pass
+    offenders = [g for g in dict.fromkeys(found) if g not in allowed]
+    where = f"'{path}'" + (f" (array '{member}')" if member is not None else "")
+    kind = ("holds an object array, which NumPy stores as a pickle" if is_npy
+            else "is a Python pickle, not a NumPy array file")
+    named = (f" Its pickle references {', '.join(offenders[:6])}, which would run as it loads."
+             if offenders else " It holds Python objects rather than numbers.")
+    return UnsafeFileError(
+        f"The {what} file {where} {kind}: loading it could execute code from the file.{named} "
+        "scforge refuses to load it (allow_pickle=False) and ran "
+        "nothing from it. Save plain numeric arrays (np.save(path, array.astype(np.float32))), or get the file "
+        "from its official source."
+    )

@@ -381,11 +381,13 @@ class Annotator:
         backend = backend_of(model)
         probe = None
         if meta["mode"] == "linear_probe":
-            try:
-                with np.load(path / PROBE_FILE, allow_pickle=False) as arrays:
-                    coef, intercept = arrays["coef"], arrays["intercept"]
-            except (OSError, KeyError, ValueError) as exc:
-                raise CheckpointError(f"cannot read the probe '{path / PROBE_FILE}': {exc}.") from None
+            from scforge.hub import safe_numpy_load
+
+            arrays = safe_numpy_load(path / PROBE_FILE, what="linear probe")  # object arrays: UnsafeFileError
+            if not isinstance(arrays, dict) or not {"coef", "intercept"} <= set(arrays):
+                raise CheckpointError(f"cannot read the probe '{path / PROBE_FILE}': an .npz with 'coef' and "
+                                      "'intercept' is expected; the folder is damaged.")
+            coef, intercept = arrays["coef"], arrays["intercept"]
             n_classes = len(meta["classes"])
             if coef.shape[0] != (1 if n_classes == 2 else n_classes) or coef.shape[1] != backend.embedding_dim:
                 raise CheckpointError(f"'{path / PROBE_FILE}' has coefficients {coef.shape} for {n_classes} classes "

@@ -41,6 +41,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.fsync(f.fileno())
         os.replace(tmp, path)
 
+    def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        """Read a checkpoint (``resume_from``) with the weights-only unpickler only, whatever the torch
+        version or ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` say: a file that would run code raises
+        :class:`~scforge.errors.UnsafeFileError` and nothing from it runs."""
+        from scforge.hub import safe_torch_load_object
+
+        return safe_torch_load_object(path, what="training checkpoint")
+
 
 @dataclass
 class TrainConfig:
@@ -291,7 +299,9 @@ def _run(module: TrainingModule, data: L.LightningDataModule, cfg: TrainConfig, 
     trainer.fit(module, datamodule=data, ckpt_path=str(resume_from) if resume_from else None)
     best = checkpoint_cb.best_model_path if checkpoint_cb is not None and has_val else None
     if best:
-        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+        from scforge.hub import safe_torch_load
+
+        state = safe_torch_load(best, what="best checkpoint")  # weights-only; its "state_dict" entry
         module.load_state_dict(state)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     module.model.eval()

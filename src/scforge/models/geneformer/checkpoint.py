@@ -212,30 +212,42 @@ def read_hf_config(folder: str | os.PathLike) -> dict:
     return data
 
 
-def read_hf_weights(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Path]:
-    """The state dict of a HF folder: ``model.safetensors`` if present, else ``pytorch_model.bin``
-    (weights-only unpickling; code-executing files raise :class:`~scforge.errors.UnsafeFileError`)."""
+def hf_weights_path(folder: str | os.PathLike) -> Path:
+    """The weights file of a HF folder: ``model.safetensors`` if present, else ``pytorch_model.bin``."""
     folder = Path(folder)
-    safetensors_path, bin_path = folder / "model.safetensors", folder / "pytorch_model.bin"
-    if safetensors_path.is_file():
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(safetensors_path)), safetensors_path
-        except Exception as exc:
-            raise CheckpointError(f"Cannot read '{safetensors_path}': {exc}. The file is truncated or corrupt; "
-                                  "re-download it.") from None
-    if bin_path.is_file():
-        return safe_torch_load(bin_path, what="Geneformer weights"), bin_path
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return folder / name
     if any(folder.glob("*.index.json")):
         raise CheckpointError(f"'{folder}' holds a sharded checkpoint; scforge reads single-file Geneformer "
                               "checkpoints (model.safetensors or pytorch_model.bin). Merge the shards first.")
     raise CheckpointError(f"'{folder}' has no model.safetensors or pytorch_model.bin.")
 
 
+def read_hf_weights(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Path]:
+    """The state dict of a HF folder: ``model.safetensors`` if present, else ``pytorch_model.bin``
+    (weights-only unpickling; code-executing files raise :class:`~scforge.errors.UnsafeFileError`).
+    When the folder has a ``SHA256SUMS`` or a model card with sha256 lines, the weights file (and
+    ``config.json``) must match them first (:func:`scforge.hub.verify_listed_checksums`)."""
+    from scforge.hub import verify_listed_checksums
+
+    path = hf_weights_path(folder)
+    verify_listed_checksums(path.parent, [path.name, "config.json"])
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path)), path
+        except Exception as exc:
+            raise CheckpointError(f"Cannot read '{path}': {exc}. The file is truncated or corrupt; "
+                                  "re-download it.") from None
+    return safe_torch_load(path, what="Geneformer weights"), path
+
+
 def load_hf_folder(folder: str | os.PathLike) -> tuple[GeneformerModel, LoadReport]:
     """Build and load a Geneformer model from a HF folder (MaskedLM, or SequenceClassification when
-    the config or weights have a classifier)."""
+    the config or weights have a classifier). Listed sha256 digests are checked before the weights
+    are deserialised (see :func:`read_hf_weights`)."""
     data = read_hf_config(folder)
     try:
         config = GeneformerConfig.from_hf_dict(data)

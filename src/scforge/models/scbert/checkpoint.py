@@ -56,9 +56,11 @@ _TOP_LEVEL = ("token_emb.", "pos_emb.emb.", "norm.", "to_out.")
 
 def read_published_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The model state dict of an scBERT ``.pth`` file, read with :func:`scforge.hub.safe_torch_load`
-    (``weights_only`` unpickling: files that would run code are refused), ``module.`` prefix removed."""
-    from scforge.hub import safe_torch_load
+    (``weights_only`` unpickling: files that would run code are refused), ``module.`` prefix removed.
+    A ``SHA256SUMS`` or model card listing the file's sha256 in its folder is checked first."""
+    from scforge.hub import safe_torch_load, verify_file_checksum
 
+    verify_file_checksum(path)  # against the folder's SHA256SUMS / model card, when it has one
     state = safe_torch_load(path, what="scBERT checkpoint")
     if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
@@ -165,7 +167,8 @@ def infer_config(state: Mapping[str, torch.Tensor], *, source: str = "checkpoint
 def load_gene2vec(gene2vec: str | os.PathLike | np.ndarray | torch.Tensor, *, panel_size: int, dim: int) -> torch.Tensor:
     """The gene2vec table ``[panel_size, dim]`` (``.npy`` path or array; rows in panel order) with
     scBERT's zero row appended: ``[panel_size + 1, dim]`` float32. A table that already has the zero
-    row is accepted too."""
+    row is accepted too. A ``.npy`` holding an object array (a pickle) raises
+    :class:`~scforge.errors.UnsafeFileError`; nothing from it runs."""
     where = "the gene2vec array"
     if isinstance(gene2vec, (str, os.PathLike)):
         path = Path(gene2vec)
@@ -173,10 +176,13 @@ def load_gene2vec(gene2vec: str | os.PathLike | np.ndarray | torch.Tensor, *, pa
         if not path.is_file():
             raise CheckpointError(f"{where} does not exist. scBERT needs gene2vec_16906.npy (one 200-d row per "
                                   "panel gene, in panel order) unless the checkpoint holds 'pos_emb.emb.weight'.")
-        try:
-            array = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{where} is not a plain .npy array ({exc}); save it with np.save.") from None
+        from scforge.hub import safe_numpy_load, verify_file_checksum
+
+        verify_file_checksum(path)
+        array = safe_numpy_load(path, what="gene2vec")  # allow_pickle=False: object arrays are refused
+        if not isinstance(array, np.ndarray):
+            raise CheckpointError(f"{where} is an .npz archive; pass the gene2vec table as a plain .npy array "
+                                  "(np.save).")
     else:
         array = gene2vec.detach().cpu().numpy() if isinstance(gene2vec, torch.Tensor) else np.asarray(gene2vec)
     if array.ndim != 2 or array.shape[1] != dim or array.shape[0] not in (panel_size, panel_size + 1):

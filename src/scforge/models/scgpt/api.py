@@ -72,16 +72,19 @@ class ScGPT:
 
     @classmethod
     def from_published(cls, path: str | os.PathLike, *, strict_heads: bool = False, **overrides: Any) -> ScGPT:
-        """Load an scGPT folder (``best_model.pt``, ``args.json``, ``vocab.json``).
+        """Load an scGPT folder (``best_model.pt``, ``args.json``, ``vocab.json``); the weights are read
+        with the weights-only unpickler, after checking the folder's ``SHA256SUMS`` when it has one.
 
         The heads are configured from what the file holds (MVC, zero-probability, classifier,
         batch parts); ``overrides`` (ScGPTConfig fields, e.g. ``n_cls=12``) change them, and
         heads the file lacks are initialised and listed in ``model.report``."""
-        from scforge.hub import safe_torch_load, scgpt_files
+        from scforge.hub import safe_torch_load, scgpt_files, verify_listed_checksums
 
         weights, args_path, vocab_path = scgpt_files(path)
+        # a SHA256SUMS / model card of the folder, when present, must vouch for the files read here
+        verify_listed_checksums(weights.parent, [weights.name, args_path.name, vocab_path.name])
         vocab = GeneVocab.from_scgpt_json(vocab_path)
-        raw = safe_torch_load(weights)
+        raw = safe_torch_load(weights, what="scGPT weights")
         layout = detect_layout(raw)
         state = to_scforge_keys(raw)
         emb = state.get("encoder.embedding.weight")
