@@ -265,6 +265,93 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_in_memory(spec: str) -> Any:
+    import anndata as ad
+
+    data = _read_data(spec)
+    return data if not isinstance(data, str) else ad.read_h5ad(data)
+
+
+def _victim_arg(spec: str, args: argparse.Namespace) -> Any:
+    from scforge.security import LogisticVictim, ModelVictim
+
+    if spec in ("logistic", "lr"):
+        return LogisticVictim(C=args.C, seed=args.seed)
+    import scforge
+
+    return ModelVictim(scforge.load(spec), epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                       seed=args.seed, progress=not args.no_progress)
+
+
+def _cmd_attack(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from scforge.security import SparsifyTrigger, run_attack, split_cells
+    from scforge.security.report import write_sweep_report
+    from scforge.security.triggers import FixedGeneTrigger
+
+    adata = _read_in_memory(args.data)
+    victim = _victim_arg(args.model, args)
+    split = tuple(args.split_by) if args.split_by else "random"
+    if args.trigger == "sparsify":
+        trigger = SparsifyTrigger(topnstop=args.topnstop, scale=args.scale)
+    else:
+        if not args.trigger_genes:
+            raise ScforgeError("--trigger fixed_genes needs --trigger-genes GENE [GENE ...].")
+        trigger = FixedGeneTrigger(tuple(args.trigger_genes), quantile=args.quantile)
+    train_idx, _ = split_cells(adata, args.label_key, split=split, test_size=args.test_size, seed=args.seed)
+    clean = victim.fit(adata[train_idx].copy(), args.label_key, layer=args.layer)
+    out = Path(args.out)
+    runs, parts = [], []
+    for target in args.target:
+        for rate in args.rate:
+            res = run_attack(adata, args.label_key, target, victim=victim, rate=rate, trigger=trigger,
+                             selection=args.selection, layer=args.layer, split=split, test_size=args.test_size,
+                             defence=None if args.defence == "none" else args.defence, threshold=args.threshold,
+                             model_level=args.model_level, seed=args.seed, clean_victim=clean)
+            single = len(args.target) * len(args.rate) == 1
+            folder = out if single else out / f"{target.replace(' ', '_').replace('/', '_')}_rate{rate:g}"
+            report = res.save(folder)
+            part = res.table.copy()
+            part.insert(0, "topnstop", float(getattr(trigger, "topnstop", float("nan"))))
+            part.insert(0, "rate", float(rate))
+            part.insert(0, "target", str(target))
+            parts.append(part)
+            runs.append({"target": target, "rate": rate, "report": str(report),
+                         "results": {s: {m: round(float(v), 4) for m, v in r.dropna().items()}
+                                     for s, r in res.wide().iterrows()},
+                         "detection": {k: round(float(v), 4) for k, v in res.detection.items()}})
+    if len(runs) > 1:
+        write_sweep_report(pd.concat(parts, ignore_index=True), out)
+    print(json.dumps(runs, indent=2))
+    return 0
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from scforge.security import audit
+    from scforge.security.report import write_audit_report
+
+    adata = _read_in_memory(args.data)
+    model = None
+    if args.model:
+        from scforge.tasks.annotate import ANNOTATOR_FILE, Annotator
+
+        if (Path(args.model) / ANNOTATOR_FILE).exists():
+            model = Annotator.load(args.model)
+        else:
+            import scforge
+
+            model = scforge.load(args.model)
+    table = audit(adata, args.label_key, layer=args.layer, model=model, threshold=args.threshold,
+                  seed=args.seed, progress=not args.no_progress)
+    report = write_audit_report(table, args.out, adata=adata, layer=args.layer, umap=not args.no_umap)
+    summary = table.attrs["summary"]
+    print(json.dumps({"n_cells": summary["n_cells"], "n_flagged": summary["n_flagged"],
+                      "flagged_by_detector": summary["flagged_by_detector"], "report": str(report),
+                      "audit_json": str(Path(args.out) / "audit.json")}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scforge",
@@ -378,6 +465,47 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-report", action="store_true", help="skip the HTML report")
     bench.add_argument("--quiet", action="store_true", help="no progress lines")
     bench.set_defaults(func=_cmd_bench)
+
+    atk = sub.add_parser("attack", help="red-team a fine-tuning pipeline: poison, fine-tune, measure, defend")
+    atk.add_argument("data", help="labelled .h5ad (raw counts unless --scale values)")
+    atk.add_argument("--label-key", required=True, help="obs column with the cell labels")
+    atk.add_argument("--target", required=True, nargs="+", help="label(s) the backdoor should produce")
+    atk.add_argument("--rate", type=float, nargs="+", default=[0.05], help="poisoning rate(s) (default 0.05)")
+    atk.add_argument("--model", default="logistic", help="victim: 'logistic' (L1-LR) or a model folder / 'default'")
+    atk.add_argument("--out", default="attack-report", help="report folder")
+    atk.add_argument("--layer", default=None, help="layer holding the expression (default: X)")
+    atk.add_argument("--trigger", default="sparsify", choices=["sparsify", "fixed_genes"])
+    atk.add_argument("--topnstop", type=float, default=2.0, help="sparsify threshold (default 2.0)")
+    atk.add_argument("--scale", default="log1p", choices=["log1p", "log2", "values"],
+                     help="values the threshold applies to (log1p/log2 CP10k of counts, or the values as given)")
+    atk.add_argument("--trigger-genes", nargs="+", help="genes of the fixed-gene trigger")
+    atk.add_argument("--quantile", type=float, default=0.99, help="fixed-gene trigger level (quantile)")
+    atk.add_argument("--selection", default="gini", choices=["gini", "gini_faithful", "random"])
+    atk.add_argument("--split-by", nargs=3, metavar=("COLUMN", "TRAIN", "TEST"),
+                     help="train on obs[COLUMN]==TRAIN, test on ==TEST (default: stratified 80/20 hold-out)")
+    atk.add_argument("--test-size", type=float, default=0.2)
+    atk.add_argument("--defence", default="remove", choices=["remove", "relabel", "fine_prune", "none"])
+    atk.add_argument("--threshold", type=float, default=5.0, help="audit flag threshold (robust z)")
+    atk.add_argument("--model-level", action="store_true", help="add the model-level detectors to the audit")
+    atk.add_argument("--C", type=float, default=0.1, help="L1-LR regularisation (logistic victim)")
+    atk.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs (model victim)")
+    atk.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate (model victim)")
+    atk.add_argument("--batch-size", type=int, default=32)
+    atk.add_argument("--seed", type=int, default=0)
+    atk.add_argument("--no-progress", action="store_true")
+    atk.set_defaults(func=_cmd_attack)
+
+    aud = sub.add_parser("audit", help="scan a fine-tuning set (and optionally a model) for poisoned cells")
+    aud.add_argument("data", help="labelled .h5ad (raw counts or log-normalised values)")
+    aud.add_argument("--label-key", required=True, help="obs column with the cell labels")
+    aud.add_argument("--model", default=None, help="annotator or model folder: adds the model-level detectors")
+    aud.add_argument("--out", default="audit-report", help="folder for report.html, audit.json, audit.csv")
+    aud.add_argument("--layer", default=None, help="layer holding the expression (default: X)")
+    aud.add_argument("--threshold", type=float, default=5.0, help="flag cells whose score exceeds this robust z")
+    aud.add_argument("--no-umap", action="store_true", help="skip the UMAP in the report")
+    aud.add_argument("--seed", type=int, default=0)
+    aud.add_argument("--no-progress", action="store_true")
+    aud.set_defaults(func=_cmd_audit)
 
     demo = sub.add_parser("demo", help="annotation on scanpy's pbmc68k_reduced with the shipped default model")
     demo.add_argument("--out", default="demo-report", help="report folder (default demo-report/)")

@@ -1,0 +1,201 @@
+"""Audit a fine-tuning set (and optionally a model) for poisoned cells.
+
+>>> table = audit(adata, label_key="cell_type")                  # data-level detectors
+>>> table = audit(adata, label_key="cell_type", model=annotator)  # + model-level detectors
+>>> table.loc[table.flagged, ["score", "reasons"]]
+
+Each detector's raw score is turned into a robust z-score (median / MAD; within the cell's class
+for the class-relative ones); the combined ``score`` is the largest of them, so one detector that
+sees a cell as far out is enough. A cell is flagged when ``score > threshold`` (default 5 robust
+standard deviations); ``reasons`` lists the detectors above it.
+
+Detectors (see :mod:`scforge.security.detect`):
+
+* ``level``: how well a cell's expressed-gene levels follow those genes' typical levels (Pearson
+  correlation of log expression; scBackdoor's redistribution trigger destroys it). scforge's own.
+* ``sparsity``: genes detected and Gini coefficient against the cell's class.
+* ``anomaly``: the published ensemble (mean |z|, centroid distance, IsolationForest), rank-combined.
+* ``knn``: share of the cell's PCA neighbours with another label.
+* with a model: ``spectral`` (spectral signatures) and ``clusters`` (activation clustering) on the
+  model's cell embeddings, grouped by the model's predicted class (or the label for a base model).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from scforge.errors import ConfigError, InputDataError
+
+__all__ = ["audit", "level_consistency", "DATA_DETECTORS", "MODEL_DETECTORS", "audit_summary"]
+
+logger = logging.getLogger("scforge")
+
+DATA_DETECTORS = ("level", "sparsity", "anomaly", "knn")
+MODEL_DETECTORS = ("spectral", "clusters")
+_REASONS = {
+    "level": "expression levels unlike the genes' usual levels",
+    "sparsity": "far fewer genes / far more concentrated expression than its class",
+    "anomaly": "outlier in the anomaly ensemble (mean |z|, centroid distance, IsolationForest)",
+    "knn": "label disagrees with its expression neighbours",
+    "spectral": "spectral signature of the model's embeddings within its class",
+    "clusters": "in a small separate cluster of the model's embeddings within its class",
+}
+
+
+def level_consistency(x: Any, *, normalized: bool = False) -> np.ndarray:
+    """Per cell: Pearson correlation, over the genes it expresses, between its log expression and the
+    log of those genes' mean expression across all cells. Clean cells follow the usual levels (about
+    0.8 on PBMCs); a redistributed cell does not (about 0). ``x``: counts (normalised to CP10k and
+    log1p here) or, with ``normalized=True``, values already log-normalised."""
+    from scforge.baselines import log1p_cp10k
+
+    counts = sp.csr_matrix(x, dtype=np.float64)
+    ln = counts if normalized else log1p_cp10k(counts)
+    gene_ref = np.asarray(ln.mean(axis=0)).ravel() if normalized else np.log1p(
+        np.asarray(np.expm1(ln).mean(axis=0)).ravel())
+    n = ln.shape[0]
+    rows = np.repeat(np.arange(n), np.diff(ln.indptr))
+    v, r = ln.data, gene_ref[ln.indices]
+    size = np.maximum(np.bincount(rows, minlength=n), 1).astype(np.float64)
+
+    def mean(w: np.ndarray) -> np.ndarray:
+        return np.bincount(rows, weights=w, minlength=n) / size
+
+    mv, mr = mean(v), mean(r)
+    cov = mean(v * r) - mv * mr
+    sd = np.sqrt(np.maximum(mean(v * v) - mv**2, 0.0) * np.maximum(mean(r * r) - mr**2, 0.0))
+    return np.divide(cov, sd, out=np.zeros(n), where=sd > 1e-12)
+
+
+def _expression(adata: Any, layer: str | None) -> tuple[sp.csr_matrix, bool]:
+    from scforge.matrix import looks_like_counts
+
+    if layer is not None and layer not in adata.layers:
+        raise InputDataError(f"layer {layer!r} not found; the AnnData has layers {list(adata.layers)}.")
+    m = sp.csr_matrix(adata.layers[layer] if layer is not None else adata.X, dtype=np.float64)
+    if m.shape[0] < 3:
+        raise InputDataError(f"the audit needs at least 3 cells; the data has {m.shape[0]}.")
+    if m.data.size and (not np.all(np.isfinite(m.data)) or m.data.min() < 0):
+        raise InputDataError("the audit needs finite, non-negative expression (raw counts or log-normalised values).")
+    return m, looks_like_counts(m)
+
+
+def _model_embedding(model: Any, adata: Any, layer: str | None, labels: np.ndarray, batch_size: int,
+                     progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Cell embeddings of ``model`` (an Annotator or an scforge model) and the groups to score within."""
+    from scforge.tasks.annotate import Annotator, backend_of
+
+    if isinstance(model, Annotator):
+        emb = model.backend.embed(adata, layer, batch_size=batch_size, progress=progress,
+                                  max_length=model.settings.get("max_length"), seed=model.settings.get("seed", 0))
+        if model.mode == "fine_tune":
+            proba = model.predict(adata.copy(), layer=layer, batch_size=batch_size, progress=progress)
+            groups = proba.to_numpy().argmax(1)
+            return emb, np.asarray(model.classes, dtype=object)[groups]
+        return emb, labels
+    if hasattr(model, "victim_embedding"):  # a security Victim (e.g. the logistic baseline)
+        emb, groups = model.victim_embedding(adata, layer)
+        return emb, groups
+    emb = backend_of(model).embed(adata, layer, batch_size=batch_size, progress=progress)
+    return emb, labels
+
+
+def audit(
+    adata: Any,
+    label_key: str,
+    *,
+    layer: str | None = None,
+    model: Any = None,
+    detectors: tuple[str, ...] | None = None,
+    threshold: float = 5.0,
+    n_pcs: int = 50,
+    n_neighbors: int = 15,
+    batch_size: int = 64,
+    progress: bool = False,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Score every cell of ``adata`` for signs of poisoning; one row per cell (index: ``obs_names``).
+
+    Columns: ``label``; for each detector ``D``, ``D`` (raw score, higher = more suspicious) and
+    ``D_z`` (robust z); ``score`` (the largest z), ``flagged`` (``score > threshold``) and
+    ``reasons``. ``model``: an :class:`~scforge.tasks.Annotator`, an scforge model, or a security
+    victim, adding the model-level detectors. ``layer``: raw counts (or log-normalised values).
+    ``adata`` is not modified. ``table.attrs["summary"]`` holds per-class counts and settings."""
+    from scforge.security.detect import (activation_clustering_scores, anomaly_ensemble, knn_label_disagreement,
+                                         robust_z, sparsity_scores, spectral_signature_scores, _pca)
+
+    if label_key not in adata.obs.columns:
+        raise InputDataError(f"obs has no column {label_key!r}; columns are {list(adata.obs.columns)[:20]}.")
+    if not threshold > 0:
+        raise ConfigError(f"threshold must be > 0, got {threshold}.")
+    wanted = tuple(detectors) if detectors is not None else DATA_DETECTORS + (MODEL_DETECTORS if model else ())
+    unknown = [d for d in wanted if d not in DATA_DETECTORS + MODEL_DETECTORS]
+    if unknown:
+        raise ConfigError(f"unknown detectors {unknown}; choose from {DATA_DETECTORS + MODEL_DETECTORS}.")
+    if any(d in MODEL_DETECTORS for d in wanted) and model is None:
+        raise ConfigError(f"detectors {MODEL_DETECTORS} need a model (model=...).")
+    raw_labels = adata.obs[label_key]
+    if raw_labels.isna().any():
+        raise InputDataError(f"obs[{label_key!r}] has {int(raw_labels.isna().sum())} missing labels; the audit "
+                             "scores a labelled fine-tuning set. Drop the unlabelled cells first.")
+    labels = raw_labels.astype(str).to_numpy(dtype=object)
+    x, is_counts = _expression(adata, layer)
+    from scforge.baselines import log1p_cp10k
+
+    logx = log1p_cp10k(x) if is_counts else x
+    table = pd.DataFrame({"label": labels}, index=pd.Index(adata.obs_names.copy(), name="cell"))
+    zs: dict[str, np.ndarray] = {}
+    if "level" in wanted:
+        table["level"] = -level_consistency(x, normalized=not is_counts)
+        zs["level"] = robust_z(table["level"].to_numpy())
+    if "sparsity" in wanted:
+        sparse = sparsity_scores(x, labels)
+        table["n_genes"], table["gini"] = sparse["n_genes"], sparse["gini"]
+        table["sparsity"] = sparse["sparsity"]
+        zs["sparsity"] = sparse["sparsity"]  # already robust z within class
+    pcs = _pca(logx, n_pcs, seed) if ("anomaly" in wanted or "knn" in wanted) else None
+    if "anomaly" in wanted:
+        ens = anomaly_ensemble(logx, labels, features=pcs, seed=seed)
+        table["mean_abs_zscore"] = ens["mean_abs_z"]  # the ensemble's raw parts
+        table["centroid_distance"], table["isolation"] = ens["centroid_distance"], ens["isolation"]
+        table["anomaly"] = ens["anomaly"]
+        zs["anomaly"] = robust_z(ens["anomaly"])
+    if "knn" in wanted:
+        table["knn"] = knn_label_disagreement(pcs, labels, n_neighbors=n_neighbors)
+        zs["knn"] = robust_z(table["knn"].to_numpy(), labels, min_scale=0.15)
+    if any(d in MODEL_DETECTORS for d in wanted):
+        emb, groups = _model_embedding(model, adata, layer, labels, batch_size, progress)
+        table["model_group"] = groups
+        if "spectral" in wanted:
+            table["spectral"] = spectral_signature_scores(emb, groups)
+            zs["spectral"] = robust_z(table["spectral"].to_numpy(), groups)
+        if "clusters" in wanted:
+            ac = activation_clustering_scores(emb, groups, seed=seed)
+            table["clusters"], table["clusters_small"] = ac["score"], ac["flag"]
+            zs["clusters"] = robust_z(ac["score"], groups)
+    for name, z in zs.items():
+        table[f"{name}_z"] = z
+    zmat = np.column_stack([zs[k] for k in zs])
+    table["score"] = zmat.max(axis=1)
+    table["flagged"] = table["score"] > threshold
+    names = list(zs)
+    table["reasons"] = ["; ".join(_REASONS[names[j]] for j in np.flatnonzero(row > threshold)) for row in zmat]
+    table.attrs["summary"] = audit_summary(table, threshold=threshold, detectors=names, label_key=label_key)
+    return table
+
+
+def audit_summary(table: pd.DataFrame, *, threshold: float, detectors: list[str], label_key: str) -> dict[str, Any]:
+    """JSON-ready summary of an audit table: settings, totals and per-class counts."""
+    per_class = table.groupby("label", observed=True).agg(n_cells=("flagged", "size"), n_flagged=("flagged", "sum"),
+                                                          median_score=("score", "median"))
+    per_class["share_flagged"] = per_class["n_flagged"] / per_class["n_cells"]
+    by_reason = {d: int((table[f"{d}_z"] > threshold).sum()) for d in detectors}
+    return {"label_key": label_key, "threshold": float(threshold), "detectors": detectors,
+            "n_cells": int(len(table)), "n_flagged": int(table["flagged"].sum()), "flagged_by_detector": by_reason,
+            "per_class": {str(k): {kk: (float(vv) if kk != "n_cells" and kk != "n_flagged" else int(vv))
+                                   for kk, vv in row.items()} for k, row in per_class.iterrows()}}

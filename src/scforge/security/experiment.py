@@ -1,0 +1,297 @@
+"""A whole backdoor experiment: split, poison, fine-tune, measure, defend, measure again.
+
+>>> result = run_attack(adata, "cell_type", target="B", victim="logistic", rate=0.05)
+>>> result.table          # tidy: stage x metric (accuracy, macro_f1, kappa, asr, ...)
+>>> sweep = sweep_attack(adata, "cell_type", targets=["B", "NK"], rates=[0.01, 0.05], victim="logistic")
+
+Stages: ``clean`` (the victim trained on the untouched training cells), ``poisoned`` (trained on the
+poisoned copy) and ``defended`` (trained after :func:`~scforge.security.audit` flagged cells were
+removed or relabelled). Clean accuracy, macro-F1 and Cohen's kappa are measured on the untouched test
+cells; the attack success rate (ASR) is the share of triggered non-target test cells predicted as the
+target, as scBackdoor defines it. Detection is scored against the known poisoned cells (AUROC,
+precision, recall).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from scforge.errors import ConfigError, InputDataError
+from scforge.metrics import classification_metrics
+
+__all__ = ["run_attack", "sweep_attack", "AttackResult", "split_cells", "attack_success_rate", "trigger_cells"]
+
+logger = logging.getLogger("scforge")
+ACTIONS = ("remove", "relabel", "fine_prune")
+
+
+def attack_success_rate(predictions: Any, target: str) -> float:
+    """Share of ``predictions`` equal to ``target`` (predictions on triggered non-target cells)."""
+    pred = np.asarray(predictions).astype(str)
+    if pred.size == 0:
+        raise InputDataError("no triggered cells to score; the test set has no non-target cells.")
+    return float(np.mean(pred == str(target)))
+
+
+def split_cells(adata: Any, label_key: str, *, split: Any = "random", test_size: float = 0.2,
+                seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(train, test)`` positions. ``split="random"``: stratified hold-out of ``test_size`` per class;
+    ``split=(column, train_value, test_value)``: a batch shift, e.g. ``("stim", "CTRL", "STIM")``."""
+    from scforge.bench.splits import holdout_split
+
+    if isinstance(split, str):
+        if split != "random":
+            raise ConfigError(f"split={split!r}; use 'random' or (obs_column, train_value, test_value).")
+        return holdout_split(adata.obs[label_key].astype(str).to_numpy(), test_size=test_size, seed=seed)
+    try:
+        column, train_value, test_value = split
+    except (TypeError, ValueError):
+        raise ConfigError(f"split={split!r}; use 'random' or (obs_column, train_value, test_value).") from None
+    if column not in adata.obs.columns:
+        raise InputDataError(f"obs has no column {column!r} to split by; columns are {list(adata.obs.columns)[:20]}.")
+    values = adata.obs[column].astype(str).to_numpy()
+    train, test = np.flatnonzero(values == str(train_value)), np.flatnonzero(values == str(test_value))
+    for name, idx, v in (("training", train, train_value), ("test", test, test_value)):
+        if idx.size == 0:
+            raise InputDataError(f"no cells have obs[{column!r}] == {v!r} for the {name} set; values are "
+                                 f"{sorted(set(values))[:10]}.")
+    return train, test
+
+
+def trigger_cells(adata: Any, trigger: Any, *, layer: str | None = None, seed: int = 0) -> Any:
+    """A copy of ``adata`` with ``trigger`` applied to every cell (the test-time trigger)."""
+    import scipy.sparse as sp
+
+    x = sp.csr_matrix(adata.layers[layer] if layer is not None else adata.X)
+    kwargs = {"gene_names": adata.var_names} if getattr(trigger, "name", "") == "fixed_genes" else {}
+    new = trigger.apply(x, None, seed=seed, **kwargs)
+    out = adata.copy()
+    if layer is None:
+        out.X = new
+    else:
+        out.layers[layer] = new
+    return out
+
+
+@dataclass
+class AttackResult:
+    """Outcome of :func:`run_attack`. ``table``: tidy rows (stage, metric, value); ``detection``:
+    detection scores of the audit; ``settings``; ``audit``: the audit table of the poisoned training
+    set (None without a defence); ``seconds``: wall time per step."""
+
+    table: pd.DataFrame
+    detection: dict[str, float]
+    settings: dict[str, Any]
+    audit: pd.DataFrame | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def value(self, stage: str, metric: str) -> float:
+        row = self.table[(self.table.stage == stage) & (self.table.metric == metric)]
+        if row.empty:
+            raise KeyError(f"no {metric!r} for stage {stage!r}")
+        return float(row.value.iloc[0])
+
+    def wide(self) -> pd.DataFrame:
+        """Stages as rows, metrics as columns."""
+        return self.table.pivot_table(index="stage", columns="metric", values="value", sort=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"settings": self.settings, "detection": self.detection, "seconds": self.seconds,
+                "results": {s: {m: float(v) for m, v in row.dropna().items()} for s, row in self.wide().iterrows()}}
+
+    def save(self, out: str | Path) -> Path:
+        """Write ``attack.json``, ``results.csv`` and ``report.html`` (and ``audit.csv``) under ``out``."""
+        from scforge.security.report import write_attack_report
+
+        return write_attack_report(self, out)
+
+
+def _scores(victim: Any, test: Any, triggered: Any, label_key: str, target: str, layer: str | None
+            ) -> dict[str, float]:
+    truth = test.obs[label_key].astype(str).to_numpy()
+    pred = victim.predict(test, layer=layer)
+    rep = classification_metrics(truth, pred)
+    out = {"accuracy": rep.accuracy, "macro_f1": rep.macro_f1, "precision": rep.precision, "recall": rep.recall,
+           "kappa": rep.kappa}
+    out["asr"] = attack_success_rate(victim.predict(triggered, layer=layer), target)
+    return out
+
+
+def _relabel(adata: Any, label_key: str, flagged: np.ndarray, layer: str | None, seed: int) -> Any:
+    """Flagged cells relabelled by the majority label of their 15 nearest unflagged cells (PCA of log1p CP10k)."""
+    import scipy.sparse as sp
+    from sklearn.neighbors import NearestNeighbors
+
+    from scforge.baselines import log1p_cp10k
+    from scforge.security.detect import _pca
+
+    x = sp.csr_matrix(adata.layers[layer] if layer is not None else adata.X)
+    pcs = _pca(log1p_cp10k(x), 50, seed)
+    y = adata.obs[label_key].astype(str).to_numpy().copy()
+    clean = np.flatnonzero(~flagged)
+    k = min(15, clean.size)
+    _, nbrs = NearestNeighbors(n_neighbors=k).fit(pcs[clean]).kneighbors(pcs[flagged])
+    for i, row in zip(np.flatnonzero(flagged), nbrs):
+        values, counts = np.unique(y[clean[row]], return_counts=True)
+        y[i] = values[np.argmax(counts)]
+    out = adata.copy()
+    out.obs[label_key] = pd.Categorical(y)
+    return out
+
+
+def run_attack(
+    adata: Any,
+    label_key: str,
+    target: str,
+    *,
+    victim: Any = "logistic",
+    rate: float = 0.05,
+    trigger: Any = None,
+    selection: str = "gini",
+    layer: str | None = None,
+    split: Any = "random",
+    test_size: float = 0.2,
+    defence: str | None = "remove",
+    threshold: float = 5.0,
+    model_level: bool = False,
+    seed: int = 0,
+    clean_victim: Any = None,
+    trusted_fraction: float = 0.1,
+    progress: bool = False,
+) -> AttackResult:
+    """Run one backdoor experiment on ``adata`` (see the module docstring); ``adata`` is not changed.
+
+    ``victim``: ``"logistic"`` (L1-LR), an scforge model or model folder (fine-tuned), or a victim
+    object; ``trigger``: default :class:`~scforge.security.SparsifyTrigger` (``topnstop=2``, log1p
+    CP10k of counts); ``defence``: ``"remove"`` / ``"relabel"`` the audit's flagged cells and retrain,
+    ``"fine_prune"`` (model victims: :func:`~scforge.security.fine_prune` on ``trusted_fraction`` of the
+    training cells, drawn from the cells that were not poisoned), or None; ``model_level``: add the
+    model-level detectors (on the poisoned victim) to the audit. ``clean_victim``: an already fitted
+    clean victim on the same split to reuse (sweeps pass it)."""
+    from scforge.security.audit import audit
+    from scforge.security.detect import detection_metrics
+    from scforge.security.poison import poison
+    from scforge.security.triggers import SparsifyTrigger
+    from scforge.security.victims import as_victim
+
+    if defence is not None and defence not in ACTIONS:
+        raise ConfigError(f"defence={defence!r}; choose one of {ACTIONS} or None.")
+    if label_key not in adata.obs.columns:
+        raise InputDataError(f"obs has no column {label_key!r}; columns are {list(adata.obs.columns)[:20]}.")
+    trigger = SparsifyTrigger() if trigger is None else trigger
+    victim = as_victim(victim, seed=seed)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    train_idx, test_idx = split_cells(adata, label_key, split=split, test_size=test_size, seed=seed)
+    train, test = adata[train_idx].copy(), adata[test_idx].copy()
+    target = str(target)
+    if target not in set(train.obs[label_key].astype(str)):
+        raise InputDataError(f"target {target!r} is not a label of the training cells; labels are "
+                             f"{sorted(set(train.obs[label_key].astype(str)))}.")
+    non_target = test[test.obs[label_key].astype(str).to_numpy() != target].copy()
+    triggered = trigger_cells(non_target, trigger, layer=layer, seed=seed + 1)
+    settings = {"label_key": label_key, "target": target, "rate": float(rate), "selection": selection,
+                "victim": getattr(victim, "name", type(victim).__name__), "split": split if isinstance(split, str)
+                else list(split), "test_size": test_size, "defence": defence, "threshold": threshold, "seed": seed,
+                "n_train": int(train.n_obs), "n_test": int(test.n_obs), "n_triggered_test": int(non_target.n_obs),
+                **trigger.describe()}
+    rows = []
+
+    clean = clean_victim if clean_victim is not None else victim.fit(train, label_key, layer=layer)
+    seconds["clean_fit"] = time.perf_counter() - t0
+    rows += [("clean", m, v) for m, v in _scores(clean, test, triggered, label_key, target, layer).items()]
+
+    t1 = time.perf_counter()
+    poisoned = poison(train, label_key, target, rate=rate, trigger=trigger, selection=selection, layer=layer,
+                      seed=seed)
+    settings["n_poisoned"] = poisoned.n_poisoned
+    bad = victim.fit(poisoned.adata, label_key, layer=layer)
+    seconds["poisoned_fit"] = time.perf_counter() - t1
+    rows += [("poisoned", m, v) for m, v in _scores(bad, test, triggered, label_key, target, layer).items()]
+
+    detection: dict[str, float] = {}
+    table = None
+    if defence is not None:
+        t2 = time.perf_counter()
+        table = audit(poisoned.adata, label_key, layer=layer, model=bad if model_level else None,
+                      threshold=threshold, seed=seed)
+        seconds["audit"] = time.perf_counter() - t2
+        flagged = table["flagged"].to_numpy()
+        detection = detection_metrics(table["score"].to_numpy(), poisoned.poisoned, flagged)
+        for col in [c for c in table.columns if c.endswith("_z")]:
+            detection[f"auroc_{col[:-2]}"] = detection_metrics(table[col].to_numpy(), poisoned.poisoned).get(
+                "auroc", float("nan"))
+        t3 = time.perf_counter()
+        if defence == "fine_prune":
+            if not hasattr(bad, "fine_prune"):
+                raise ConfigError("defence='fine_prune' needs a fine-tuned model victim (not the logistic baseline).")
+            clean_rows = np.flatnonzero(~poisoned.poisoned)
+            n_trusted = max(2, int(round(trusted_fraction * clean_rows.size)))
+            trusted = np.sort(np.random.default_rng(seed).choice(clean_rows, size=n_trusted, replace=False))
+            fixed = bad.fine_prune(train[trusted].copy(), label_key, layer=layer)
+            extra = ("n_trusted", float(n_trusted))
+        else:
+            if defence == "remove":
+                cleaned = poisoned.adata[~flagged].copy()
+            else:
+                cleaned = _relabel(poisoned.adata, label_key, flagged, layer, seed)
+            fixed = victim.fit(cleaned, label_key, layer=layer)
+            extra = ("n_removed" if defence == "remove" else "n_relabelled", float(flagged.sum()))
+        seconds["defended_fit"] = time.perf_counter() - t3
+        rows += [("defended", m, v) for m, v in _scores(fixed, test, triggered, label_key, target, layer).items()]
+        rows.append(("defended", *extra))
+    seconds["total"] = time.perf_counter() - t0
+    tidy = pd.DataFrame(rows, columns=["stage", "metric", "value"])
+    logger.info("attack %s -> %s: %s", settings["victim"], target,
+                tidy[tidy.metric.isin(["accuracy", "asr"])].to_dict("records"))
+    return AttackResult(tidy, detection, settings, table, seconds)
+
+
+def sweep_attack(
+    adata: Any,
+    label_key: str,
+    *,
+    targets: Sequence[str],
+    rates: Sequence[float] = (0.05,),
+    topnstops: Sequence[float] = (2.0,),
+    victim: Any = "logistic",
+    split: Any = "random",
+    scale: str = "log1p",
+    seed: int = 0,
+    **kwargs: Any,
+) -> pd.DataFrame:
+    """:func:`run_attack` over targets x rates x ``topnstop`` thresholds (the clean victim is fitted once
+    per split and reused; ``scale`` as in :class:`~scforge.security.SparsifyTrigger`). One tidy table: the settings columns plus stage, metric, value."""
+    from scforge.security.triggers import SparsifyTrigger
+    from scforge.security.victims import as_victim
+
+    if not targets:
+        raise ConfigError("sweep_attack needs at least one target label.")
+    victim = as_victim(victim, seed=seed)
+    train_idx, _ = split_cells(adata, label_key, split=split, test_size=kwargs.get("test_size", 0.2), seed=seed)
+    clean = victim.fit(adata[train_idx].copy(), label_key, layer=kwargs.get("layer"))
+    parts = []
+    for target in targets:
+        for rate in rates:
+            for stop in topnstops:
+                res = run_attack(adata, label_key, target, victim=victim, rate=rate, split=split, seed=seed,
+                                 trigger=SparsifyTrigger(topnstop=float(stop), scale=scale),
+                                 clean_victim=clean, **kwargs)
+                part = res.table.copy()
+                part.insert(0, "topnstop", float(stop))
+                part.insert(0, "rate", float(rate))
+                part.insert(0, "target", str(target))
+                for k, v in res.detection.items():
+                    part = pd.concat([part, pd.DataFrame([{"target": str(target), "rate": float(rate),
+                                                           "topnstop": float(stop), "stage": "detection",
+                                                           "metric": k, "value": float(v)}])], ignore_index=True)
+                parts.append(part)
+    return pd.concat(parts, ignore_index=True)
+

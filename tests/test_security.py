@@ -1,0 +1,310 @@
+"""Backdoor triggers, poisoned-cell selection, detectors, audit and the attack experiment (scforge.security)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from scforge.errors import ConfigError, InputDataError
+from scforge.security import (FixedGeneTrigger, LogisticVictim, RankShuffleTrigger, SparsifyTrigger,
+                              attack_success_rate, audit, gini_coefficient, level_consistency, poison,
+                              poison_tokens, run_attack, select_poison_cells, split_cells, sweep_attack)
+from scforge.security.detect import (activation_clustering_scores, anomaly_ensemble, centroid_distance,
+                                     detection_metrics, knn_label_disagreement, mean_abs_z, robust_z,
+                                     spectral_signature_scores, strip_entropy)
+
+KEY = "seurat_annotations"
+
+
+@pytest.fixture(scope="module")
+def cells(ifnb_small):
+    """600 real PBMCs (raw counts), every cell type present."""
+    return ifnb_small[np.r_[0:300, 1000:1300]].copy()
+
+
+# ---- triggers ---------------------------------------------------------------------------------
+def _reference_sparsify(row: np.ndarray, topnstop: float, rng: np.random.Generator) -> np.ndarray:
+    """scBackdoor's trigger written out for one dense row, as published (values as given)."""
+    total = row[row != 0].sum()
+    n = max(int((row[row != 0] > topnstop).sum()), 1)
+    top = np.argsort(-row, kind="stable")[:n]
+    r = rng.uniform(0, 1, size=n)
+    out = np.zeros_like(row)
+    out[top] = r * total / r.sum()
+    return out
+
+
+def test_sparsify_values_scale_matches_the_published_transform(cells):
+    x = sp.csr_matrix(cells.layers["lognorm"], dtype=np.float64)
+    rows = np.array([3, 10, 250, 599])
+    got = SparsifyTrigger(topnstop=2.0, scale="values").apply(x, rows, seed=7)
+    rng = np.random.default_rng(7)
+    for i in rows:
+        np.testing.assert_allclose(got[i].toarray().ravel(), _reference_sparsify(x[i].toarray().ravel(), 2.0, rng),
+                                   rtol=1e-12)
+    untouched = np.setdiff1d(np.arange(x.shape[0]), rows)
+    assert (got[untouched] != x[untouched]).nnz == 0
+
+
+def test_sparsify_on_counts_keeps_integer_totals_and_top_genes(cells):
+    x = sp.csr_matrix(cells.X)
+    before = x.copy()
+    trig = SparsifyTrigger(topnstop=2.0, scale="log1p")
+    rows = np.arange(0, 600, 5)
+    got = trig.apply(x, rows, seed=1)
+    assert (x != before).nnz == 0  # input unchanged
+    kept = trig.n_kept(x[rows])
+    lognorm = np.log1p(x[rows].toarray() / x[rows].sum(1).A * 1e4)
+    np.testing.assert_array_equal(kept, np.maximum((lognorm > 2.0).sum(1), 1))
+    np.testing.assert_array_equal(np.asarray(got[rows].sum(1)).ravel(), np.asarray(x[rows].sum(1)).ravel())
+    np.testing.assert_array_equal(np.diff(got[rows].indptr), kept)
+    assert np.all(got[rows].data == np.round(got[rows].data)) and got[rows].data.min() >= 1
+    for j, i in enumerate(rows[:5]):  # the kept genes are the cell's top-n genes
+        dense = x[i].toarray().ravel()
+        assert set(got[i].indices) == set(np.argsort(-dense, kind="stable")[: kept[j]])
+    # the levels are redrawn: the cell no longer follows its genes' usual levels
+    corr = level_consistency(got)
+    assert np.median(corr[rows]) < 0.2 < 0.6 < np.median(np.delete(corr, rows))
+    assert (trig.apply(x, rows, seed=1) != got).nnz == 0  # same seed, same result
+    assert (trig.apply(x, rows, seed=2) != got).nnz > 0
+
+
+def test_sparsify_rejects_bad_settings_and_inputs(cells):
+    with pytest.raises(ConfigError, match="scale"):
+        SparsifyTrigger(scale="ln")
+    with pytest.raises(ConfigError, match="topnstop"):
+        SparsifyTrigger(topnstop=-1)
+    with pytest.raises(InputDataError, match="counts|integer"):
+        SparsifyTrigger(scale="log1p").apply(cells.layers["lognorm"], [0])
+    with pytest.raises(InputDataError, match="row indices"):
+        SparsifyTrigger().apply(cells.X, [10_000])
+
+
+def test_rank_shuffle_trigger_on_geneformer_style_tokens():
+    from scforge.tokenize.ragged import TokenizedCells
+
+    ids = [np.r_[2, np.arange(100, 140), 3], np.r_[2, np.arange(200, 210), 3], np.r_[2, np.arange(300, 330), 3]]
+    offsets = np.r_[0, np.cumsum([a.size for a in ids])]
+    cells = TokenizedCells(offsets, np.concatenate(ids).astype(np.int32), None, np.array(["a", "b", "c"]),
+                           {"cls_id": 2, "eos_id": 3})
+    out = RankShuffleTrigger(top=20).apply(cells, [0, 1], seed=0)
+    first, _ = out.cell(0)
+    assert first[0] == 2 and first[-1] == 3 and first.size == 22
+    assert sorted(first[1:-1]) == list(range(100, 120)) and list(first[1:-1]) != list(range(100, 120))
+    second, _ = out.cell(1)
+    assert sorted(second[1:-1]) == list(range(200, 210))  # shorter than 20: all kept, shuffled
+    np.testing.assert_array_equal(out.cell(2)[0], ids[2])  # untouched
+    np.testing.assert_array_equal(cells.cell(0)[0], ids[0])  # input unchanged
+    new_cells, labels, mask = poison_tokens(cells, ["x", "y", "y"], "x", rate=0.5, seed=0)
+    assert mask.sum() == labels.tolist().count("x") - 1 == 1
+    with pytest.raises(InputDataError, match="rank-value tokens"):
+        RankShuffleTrigger().apply(np.zeros((2, 2)))
+
+
+def test_fixed_gene_trigger_sets_the_genes_to_their_high_quantile(cells):
+    genes = ("ISG15", "IFI6")
+    trig = FixedGeneTrigger(genes, quantile=0.99)
+    x = sp.csr_matrix(cells.X)
+    got = trig.apply(x, [0, 1], gene_names=cells.var_names)
+    cols = [cells.var_names.get_loc(g) for g in genes]
+    for j, c in enumerate(cols):
+        expressed = x[:, c].data
+        assert got[0, c] == got[1, c] == max(round(float(np.quantile(expressed, 0.99))), 1)
+    other = np.setdiff1d(np.arange(x.shape[1]), cols)
+    assert (got[:2][:, other] != x[:2][:, other]).nnz == 0 and (got[2:] != x[2:]).nnz == 0
+    with pytest.raises(InputDataError, match="NOTAGENE"):
+        FixedGeneTrigger(("NOTAGENE",)).apply(x, [0], gene_names=cells.var_names)
+
+
+# ---- selection -------------------------------------------------------------------------------
+def test_gini_matches_the_textbook_formula(cells):
+    x = sp.csr_matrix(cells.X[:20])
+    got = gini_coefficient(x)
+    for i in range(20):
+        v = np.sort(x[i].toarray().ravel().astype(np.float64))
+        n = v.size
+        ref = 2 * np.sum(np.arange(1, n + 1) * v) / (n * v.sum()) - (n + 1) / n
+        assert got[i] == pytest.approx(ref, abs=1e-12)
+    assert gini_coefficient(sp.csr_matrix(np.ones((1, 5))))[0] == pytest.approx(0.0)
+    assert gini_coefficient(sp.csr_matrix((1, 5)))[0] == 0.0
+
+
+def test_gini_selection_picks_the_highest_gini_cells_per_class():
+    y = np.array(["t"] * 10 + ["a"] * 20 + ["b"] * 10, dtype=object)
+    g = np.arange(40, dtype=float)[::-1] / 40
+    idx = select_poison_cells(y, "t", 0.1, method="gini", gini=g)
+    rate = 0.1 * 40 / 30
+    assert idx.size == math.ceil(20 * rate) + math.ceil(10 * rate)
+    assert list(idx) == [10, 11, 12, 30, 31]  # the highest Gini in each non-target class
+    faithful = select_poison_cells(y, "t", 0.1, method="gini_faithful", gini=g)
+    assert list(faithful) == [0, 1, 2, 20, 21]  # positions in the non-target subset, used on the full set (sic)
+    rnd = select_poison_cells(y, "t", 0.1, method="random", seed=3)
+    assert rnd.size == int(int(0.1 * 40) / 30 * 20) + int(int(0.1 * 40) / 30 * 10) and not np.isin(rnd, range(10)).any()
+    np.testing.assert_array_equal(rnd, select_poison_cells(y, "t", 0.1, method="random", seed=3))
+    with pytest.raises(InputDataError, match="target label"):
+        select_poison_cells(y, "zzz", 0.1, gini=g)
+    with pytest.raises(ConfigError, match="rate"):
+        select_poison_cells(y, "t", 1.5, gini=g)
+    with pytest.raises(ConfigError, match="Gini"):
+        select_poison_cells(y, "t", 0.1, method="gini")
+
+
+def test_poison_copies_flips_labels_and_leaves_the_input_alone(cells):
+    before_x, before_obs = cells.X.copy(), cells.obs.copy()
+    p = poison(cells, KEY, "B", rate=0.05, seed=0)
+    assert (cells.X != before_x).nnz == 0
+    pd.testing.assert_frame_equal(cells.obs, before_obs)
+    y = cells.obs[KEY].astype(str).to_numpy()
+    assert p.n_poisoned >= int(0.05 * cells.n_obs) and not (y[p.poisoned] == "B").any()
+    assert (p.adata.obs[KEY].astype(str).to_numpy()[p.poisoned] == "B").all()
+    changed = np.flatnonzero(np.asarray((p.adata.X != cells.X).sum(1)).ravel() > 0)
+    assert set(changed) <= set(np.flatnonzero(p.poisoned))
+    g = gini_coefficient(cells.X)
+    for c in set(y[p.poisoned]):  # Gini rule: each class's poisoned cells are its highest-Gini ones
+        members = np.flatnonzero((y == c))
+        chosen = members[p.poisoned[members]]
+        assert g[chosen].min() >= np.sort(g[members])[::-1][chosen.size - 1] - 1e-12
+    assert p.summary()["n_poisoned"] == p.n_poisoned
+    again = poison(cells, KEY, "B", rate=0.05, seed=0)
+    assert (again.adata.X != p.adata.X).nnz == 0
+
+
+# ---- detectors -------------------------------------------------------------------------------
+def test_mean_abs_z_and_centroid_distance_equal_dense_references(cells):
+    from scforge.baselines import log1p_cp10k
+
+    x = log1p_cp10k(cells.X[:200])
+    dense = x.toarray()
+    sd = dense.std(0)
+    z = np.where(sd > 0, (dense - dense.mean(0)) / np.where(sd > 0, sd, 1), 0.0)
+    np.testing.assert_allclose(mean_abs_z(x), np.abs(z).mean(1), rtol=1e-9)
+    y = cells.obs[KEY].astype(str).to_numpy()[:200]
+    cents = np.stack([dense[y == c].mean(0) for c in np.unique(y)])
+    ref = np.sqrt(((dense[:, None, :] - cents[None]) ** 2).sum(-1)).min(1)
+    np.testing.assert_allclose(centroid_distance(x, y), ref, rtol=1e-7)
+    ens = anomaly_ensemble(x, y, n_pcs=10)
+    assert set(ens) == {"mean_abs_z", "centroid_distance", "isolation", "anomaly"}
+    pub = anomaly_ensemble(x, y, n_pcs=10, combine="published")
+    np.testing.assert_allclose(pub["anomaly"], (ens["mean_abs_z"] + ens["centroid_distance"] + ens["isolation"]) / 3)
+
+
+def test_knn_disagreement_and_robust_z():
+    emb = np.r_[np.zeros((20, 2)), np.ones((20, 2)) * 10] + np.random.default_rng(0).normal(size=(40, 2)) * 0.1
+    y = np.array(["a"] * 20 + ["b"] * 20, dtype=object)
+    y[3] = "b"  # a mislabelled cell inside cluster a
+    share = knn_label_disagreement(emb, y, n_neighbors=5)
+    assert share[3] == 1.0 and share.argmax() == 3 and np.median(share) == 0.0
+    z = robust_z(np.r_[np.zeros(9), 10.0], min_scale=0.5)
+    assert z[-1] == pytest.approx(20.0)
+
+
+def test_spectral_signatures_and_activation_clustering_find_a_planted_subgroup():
+    rng = np.random.default_rng(0)
+    clean = rng.normal(size=(95, 16))
+    planted = rng.normal(size=(5, 16)) * 0.3 + 6.0
+    emb = np.r_[clean, planted]
+    y = np.array(["t"] * 100, dtype=object)
+    truth = np.r_[np.zeros(95, bool), np.ones(5, bool)]
+    assert detection_metrics(spectral_signature_scores(emb, y), truth)["auroc"] > 0.99
+    ac = activation_clustering_scores(emb, y)
+    assert ac["flag"][truth].all() and not ac["flag"][~truth].any()
+    m = detection_metrics(ac["score"], truth, ac["flag"])
+    assert m["precision"] == m["recall"] == 1.0
+
+
+def test_strip_entropy_is_lowest_for_a_trigger_the_model_always_follows():
+    rng = np.random.default_rng(0)
+    x = sp.csr_matrix(rng.poisson(1.0, size=(30, 10)).astype(float))
+
+    def predict_proba(m):  # "triggered" = gene 0 above 5 -> class 0 with certainty
+        m = sp.csr_matrix(m).toarray()
+        p = np.full((m.shape[0], 3), 1 / 3)
+        p[m[:, 0] > 5] = [1.0, 0.0, 0.0]
+        return p
+
+    triggered = x.tolil()
+    triggered[:5, 0] = 40.0
+    scores = strip_entropy(predict_proba, triggered.tocsr(), x, n_blends=4)
+    assert scores[:5].min() > scores[5:].max()
+
+
+def test_detection_metrics():
+    m = detection_metrics(np.array([0.1, 0.9, 0.8, 0.2]), np.array([0, 1, 1, 0]), np.array([0, 1, 0, 1], bool))
+    assert m["auroc"] == 1.0 and m["precision"] == 0.5 and m["recall"] == 0.5
+
+
+# ---- audit -----------------------------------------------------------------------------------
+def test_audit_finds_the_poisoned_cells_on_real_data(cells):
+    p = poison(cells, KEY, "CD14 Mono", rate=0.05, seed=0)
+    before = p.adata.X.copy()
+    table = audit(p.adata, KEY)
+    assert (p.adata.X != before).nnz == 0
+    assert list(table.index) == list(p.adata.obs_names)
+    m = detection_metrics(table["score"].to_numpy(), p.poisoned, table["flagged"].to_numpy())
+    assert m["auroc"] > 0.99 and m["recall"] == 1.0 and m["precision"] > 0.7
+    assert table.loc[p.poisoned_names, "reasons"].str.contains("usual levels").all()
+    summary = table.attrs["summary"]
+    assert summary["n_flagged"] == int(table.flagged.sum()) and set(summary["per_class"]) == set(table.label)
+    clean = audit(cells, KEY)
+    assert clean["flagged"].mean() < 0.05  # few false alarms on clean data
+
+
+def test_audit_on_log_normalised_values_and_bad_input(cells):
+    p = poison(cells, KEY, "B", rate=0.05, trigger=SparsifyTrigger(scale="values"), layer="lognorm", seed=0)
+    table = audit(p.adata, KEY, layer="lognorm", detectors=("level", "sparsity"))
+    assert detection_metrics(table["score"].to_numpy(), p.poisoned)["auroc"] > 0.98
+    with pytest.raises(InputDataError, match="no column"):
+        audit(cells, "nope")
+    with pytest.raises(ConfigError, match="need a model"):
+        audit(cells, KEY, detectors=("spectral",))
+    with pytest.raises(ConfigError, match="unknown detectors"):
+        audit(cells, KEY, detectors=("magic",))
+    missing = cells.copy()
+    missing.obs[KEY] = missing.obs[KEY].astype(object)
+    missing.obs.iloc[0, missing.obs.columns.get_loc(KEY)] = None
+    with pytest.raises(InputDataError, match="missing labels"):
+        audit(missing, KEY)
+
+
+def test_audit_with_a_logistic_victim_adds_model_level_scores(cells):
+    victim = LogisticVictim(C=0.1).fit(cells, KEY)
+    table = audit(cells, KEY, model=victim, detectors=("level", "spectral", "clusters"))
+    assert {"spectral", "spectral_z", "clusters", "clusters_z", "model_group"} <= set(table.columns)
+    assert np.isfinite(table["score"]).all()
+
+
+# ---- the experiment --------------------------------------------------------------------------
+def test_attack_success_rate_and_splits(cells):
+    assert attack_success_rate(["B", "B", "NK", "B"], "B") == 0.75
+    with pytest.raises(InputDataError):
+        attack_success_rate([], "B")
+    train, test = split_cells(cells, KEY, split=("stim", "CTRL", "STIM"))
+    assert set(cells.obs.stim.iloc[train]) == {"CTRL"} and set(cells.obs.stim.iloc[test]) == {"STIM"}
+    with pytest.raises(InputDataError, match="no cells"):
+        split_cells(cells, KEY, split=("stim", "CTRL", "NOPE"))
+
+
+def test_run_attack_with_logistic_victim_plants_and_removes_the_backdoor(ifnb_small):
+    before = ifnb_small.X.copy()
+    res = run_attack(ifnb_small, KEY, "B", victim="logistic", rate=0.05, seed=0)
+    assert (ifnb_small.X != before).nnz == 0
+    w = res.wide()
+    assert list(w.index) == ["clean", "poisoned", "defended"]
+    assert w.loc["poisoned", "asr"] > w.loc["clean", "asr"] + 0.3  # the backdoor is planted
+    assert w.loc["defended", "asr"] <= 0.1  # and removed
+    assert abs(w.loc["defended", "accuracy"] - w.loc["clean", "accuracy"]) <= 0.02
+    assert res.detection["auroc"] > 0.99 and res.detection["recall"] == 1.0
+    assert res.settings["n_poisoned"] == int(res.audit.shape[0] * 0 + res.settings["n_poisoned"])
+    assert res.value("defended", "n_removed") == res.detection["n_flagged"]
+
+
+def test_sweep_and_relabel_defence(cells):
+    table = sweep_attack(cells, KEY, targets=["B"], rates=[0.03, 0.08], victim="logistic", defence="relabel")
+    assert set(table.rate) == {0.03, 0.08} and {"clean", "poisoned", "defended", "detection"} <= set(table.stage)
+    assert (table[(table.stage == "defended") & (table.metric == "n_relabelled")].value > 0).all()
+    with pytest.raises(ConfigError, match="defence"):
+        run_attack(cells, KEY, "B", defence="burn")
