@@ -20,7 +20,7 @@ from pathlib import Path
 import anndata as ad
 import pandas as pd
 
-from scforge.security import ModelVictim, run_attack, split_cells
+from scforge.security import ModelVictim, SparsifyTrigger, run_attack, split_cells, sweep_attack
 from scforge.security.victims import LogisticVictim
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ifnb" / "ifnb_sub_2000.h5ad"
@@ -36,6 +36,12 @@ def main() -> None:
     ap.add_argument("--model-targets", nargs="+", default=["B", "NK"])
     ap.add_argument("--splits", nargs="+", default=list(SPLITS))
     ap.add_argument("--rate", type=float, default=0.05)
+    ap.add_argument("--topnstops", type=float, nargs="+", default=[2.0], help="trigger thresholds (logistic victim)")
+    ap.add_argument("--model-topnstops", type=float, nargs="+", default=[2.0], help="trigger thresholds (model)")
+    ap.add_argument("--defence", default="remove", choices=["remove", "relabel", "fine_prune"],
+                    help="defence for the model victim (the logistic victim always uses remove)")
+    ap.add_argument("--lr-sweep", action="store_true",
+                    help="also sweep L1-LR's C x rate x topnstop for the first target (no defence)")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--out", default="benchmarks/_work/security")
@@ -48,42 +54,58 @@ def main() -> None:
     rows, detections = [], []
     for victim_name in args.victims:
         if victim_name == "logistic":
-            victim, targets, model_level = LogisticVictim(C=0.1), args.targets, False
+            victim, targets, model_level, stops, defence = LogisticVictim(C=0.1), args.targets, False, args.topnstops, \
+                "remove"
         else:
             import scforge
 
             victim = ModelVictim(scforge.load(victim_name), epochs=args.epochs, lr=args.lr, batch_size=32)
-            targets, model_level = args.model_targets, True
+            targets, model_level, stops, defence = args.model_targets, True, args.model_topnstops, args.defence
         for split_name in args.splits:
             split = SPLITS[split_name]
             train_idx, _ = split_cells(adata, args.label_key, split=split, seed=0)
             t0 = time.perf_counter()
             clean = victim.fit(adata[train_idx].copy(), args.label_key)
             clean_s = time.perf_counter() - t0
-            for target in targets:
+            for target, stop in [(t, s) for s in stops for t in targets]:
                 res = run_attack(adata, args.label_key, target, victim=victim, rate=args.rate, split=split,
-                                 clean_victim=clean, model_level=model_level, seed=0)
-                run_dir = out / f"{victim_name}_{split_name}_{target.replace(' ', '_')}"
+                                 trigger=SparsifyTrigger(topnstop=stop), defence=defence, clean_victim=clean,
+                                 model_level=model_level, seed=0)
+                run_dir = out / f"{victim_name}_{split_name}_{target.replace(' ', '_')}_topnstop{stop:g}"
                 res.save(run_dir)
                 wide = res.wide()
                 for stage, row in wide.iterrows():
-                    rows.append({"victim": victim_name, "split": split_name, "target": target, "stage": stage,
+                    rows.append({"victim": victim_name, "split": split_name, "target": target, "topnstop": stop,
+                                 "stage": stage,
                                  **{m: row.get(m) for m in ("accuracy", "macro_f1", "kappa", "asr")},
                                  "n_removed": row.get("n_removed")})
-                detections.append({"victim": victim_name, "split": split_name, "target": target,
+                detections.append({"victim": victim_name, "split": split_name, "target": target, "topnstop": stop,
                                    "n_poisoned": res.settings["n_poisoned"], **res.detection,
                                    "seconds": {**res.seconds, "clean_fit": clean_s}})
-                print(f"{victim_name:8s} {split_name:12s} {target:10s}", wide[["accuracy", "asr"]].round(3).to_dict(),
+                print(f"{victim_name:8s} {split_name:12s} {target:10s} {stop:g}", wide[["accuracy", "asr"]].round(3).to_dict(),
                       {k: round(float(v), 3) for k, v in res.detection.items()}, flush=True)
     results = pd.DataFrame(rows)
     results.to_csv(out / "results.csv", index=False)
     (out / "detection.json").write_text(json.dumps(detections, indent=2, default=float))
     pd.DataFrame([{k: v for k, v in d.items() if k != "seconds"} for d in detections]).to_csv(
         out / "detection.csv", index=False)
-    summary = results.pivot_table(index=["victim", "split", "target"], columns="stage",
+    summary = results.pivot_table(index=["victim", "split", "target", "topnstop"], columns="stage",
                                   values=["accuracy", "asr"], sort=False).round(3)
     (out / "summary.md").write_text(summary.to_markdown())
     print(summary.to_string())
+    if args.lr_sweep:
+        sweep = sweep_attack(adata, args.label_key, targets=args.targets[:1], rates=[0.01, 0.05, 0.1],
+                             topnstops=[2.0, 4.0, 6.0, 8.0], victim=LogisticVictim(C=0.1), defence=None)
+        parts = [sweep.assign(C=0.1)]
+        for c in (1.0, 10.0):
+            parts.append(sweep_attack(adata, args.label_key, targets=args.targets[:1], rates=[0.05],
+                                      topnstops=[2.0, 4.0, 8.0], victim=LogisticVictim(C=c), defence=None).assign(C=c))
+        sweep = pd.concat(parts, ignore_index=True)
+        sweep.to_csv(out / "lr_sweep.csv", index=False)
+        wide = sweep[sweep.metric.isin(["accuracy", "asr"])].pivot_table(
+            index=["C", "rate", "topnstop"], columns=["stage", "metric"], values="value").round(3)
+        (out / "lr_sweep.md").write_text(wide.to_markdown())
+        print(wide.to_string())
 
 
 if __name__ == "__main__":

@@ -308,3 +308,15 @@ def test_sweep_and_relabel_defence(cells):
     assert (table[(table.stage == "defended") & (table.metric == "n_relabelled")].value > 0).all()
     with pytest.raises(ConfigError, match="defence"):
         run_attack(cells, KEY, "B", defence="burn")
+
+
+def test_proportional_levels_keep_the_cells_own_order(cells):
+    x = sp.csr_matrix(cells.X)
+    got = SparsifyTrigger(topnstop=4.0, levels="proportional").apply(x, [5], seed=0)
+    kept = got[5].indices
+    orig = x[5].toarray().ravel()[kept]
+    new = got[5].toarray().ravel()[kept]
+    assert new.sum() == x[5].sum() > orig.sum()
+    assert np.all(np.diff(new[np.argsort(-orig, kind="stable")]) <= 0)  # order preserved
+    with pytest.raises(ConfigError, match="levels"):
+        SparsifyTrigger(levels="loud")

@@ -177,7 +177,8 @@ def audit(
         if "clusters" in wanted:
             ac = activation_clustering_scores(emb, groups, seed=seed)
             table["clusters"], table["clusters_small"] = ac["score"], ac["flag"]
-            zs["clusters"] = robust_z(ac["score"], groups)
+            # only classes with a small separate cluster count: elsewhere a 2-means split means nothing
+            zs["clusters"] = np.where(_qualifies(ac["flag"], groups), robust_z(ac["score"], groups), 0.0)
     for name, z in zs.items():
         table[f"{name}_z"] = z
     zmat = np.column_stack([zs[k] for k in zs])
@@ -187,6 +188,12 @@ def audit(
     table["reasons"] = ["; ".join(_REASONS[names[j]] for j in np.flatnonzero(row > threshold)) for row in zmat]
     table.attrs["summary"] = audit_summary(table, threshold=threshold, detectors=names, label_key=label_key)
     return table
+
+
+def _qualifies(flag: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """True for the cells of groups where activation clustering found a small cluster."""
+    hit = {g for g in np.unique(groups) if flag[groups == g].any()}
+    return np.isin(groups, list(hit))
 
 
 def audit_summary(table: pd.DataFrame, *, threshold: float, detectors: list[str], label_key: str) -> dict[str, Any]:

@@ -186,8 +186,9 @@ def _by_class(embedding: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def spectral_signature_scores(embedding: Any, labels: Any) -> np.ndarray:
-    """Spectral signatures: within each class, the squared projection of the centred embeddings on
-    their top singular vector, divided by the class's median (so classes are comparable)."""
+    """Spectral signatures: within each class, the absolute projection of the centred embeddings on
+    their top singular vector (Tran et al. rank by its square; the order is the same), divided by the
+    class's median so classes are comparable."""
     emb, y = _by_class(embedding, labels)
     out = np.zeros(y.size)
     for c in np.unique(y):
@@ -196,7 +197,7 @@ def spectral_signature_scores(embedding: Any, labels: Any) -> np.ndarray:
             continue
         centred = emb[m] - emb[m].mean(axis=0)
         _, _, vt = np.linalg.svd(centred, full_matrices=False)
-        proj = (centred @ vt[0]) ** 2
+        proj = np.abs(centred @ vt[0])
         med = np.median(proj)
         out[m] = proj / med if med > 0 else proj
     return out

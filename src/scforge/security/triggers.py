@@ -70,20 +70,27 @@ class SparsifyTrigger:
     ``log(1 + CP10k)`` in that base, i.e. scGPT's or scBERT's preprocessing, and the new values stay
     integer counts: one count per kept gene plus the rest of ``T`` split by the random weights with
     largest-remainder rounding, so the total is exact).
+
+    ``levels="random"`` is the published trigger. ``levels="proportional"`` is an adaptive variant for
+    red-teaming detectors: the kept genes keep their own relative levels (rescaled to ``T``), so only
+    the sparsity changes.
     """
 
     topnstop: float = 2.0
     scale: str = "log1p"
+    levels: str = "random"
     name: str = field(default="sparsify", init=False)
 
     def __post_init__(self) -> None:
         if self.scale not in SCALES:
             raise ConfigError(f"scale={self.scale!r}; choose one of {SCALES}.")
+        if self.levels not in ("random", "proportional"):
+            raise ConfigError(f"levels={self.levels!r}; choose 'random' (published) or 'proportional'.")
         if not np.isfinite(self.topnstop) or self.topnstop < 0:
             raise ConfigError(f"topnstop must be a finite value >= 0, got {self.topnstop}.")
 
     def describe(self) -> dict[str, Any]:
-        return {"trigger": self.name, "topnstop": float(self.topnstop), "scale": self.scale}
+        return {"trigger": self.name, "topnstop": float(self.topnstop), "scale": self.scale, "levels": self.levels}
 
     def n_kept(self, x: Any) -> np.ndarray:
         """How many genes each cell of ``x`` keeps under the trigger (``n``, at least 1)."""
@@ -124,8 +131,9 @@ class SparsifyTrigger:
                 new_rows.append((np.zeros(0, np.int32), np.zeros(0, x.dtype)))
                 continue
             n = min(int(n), cols.size)
-            top = cols[np.argsort(-vals, kind="stable")[:n]]
-            r = rng.uniform(0.0, 1.0, size=n)
+            order = np.argsort(-vals, kind="stable")[:n]
+            top = cols[order]
+            r = rng.uniform(0.0, 1.0, size=n) if self.levels == "random" else vals[order].astype(np.float64)
             if self.scale == "values":
                 new = r * total / r.sum()
             else:
