@@ -320,3 +320,15 @@ def test_proportional_levels_keep_the_cells_own_order(cells):
     assert np.all(np.diff(new[np.argsort(-orig, kind="stable")]) <= 0)  # order preserved
     with pytest.raises(ConfigError, match="levels"):
         SparsifyTrigger(levels="loud")
+
+
+def test_audit_knn_in_a_given_embedding_and_strip_in_run_attack(cells):
+    table = audit(cells, KEY, detectors=("knn",), embedding="X_pca")
+    from scforge.security.detect import knn_label_disagreement as knn
+
+    np.testing.assert_allclose(table["knn"], knn(cells.obsm["X_pca"], cells.obs[KEY].astype(str)))
+    with pytest.raises(InputDataError, match="obsm has no"):
+        audit(cells, KEY, detectors=("knn",), embedding="X_nope")
+    res = run_attack(cells, KEY, "B", victim="logistic", trigger=SparsifyTrigger(topnstop=4.0), defence=None,
+                     strip=True, strip_blends=4)
+    assert 0.0 <= res.detection["strip_auroc"] <= 1.0 and "strip" in res.seconds

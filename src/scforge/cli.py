@@ -308,7 +308,8 @@ def _cmd_attack(args: argparse.Namespace) -> int:
             res = run_attack(adata, args.label_key, target, victim=victim, rate=rate, trigger=trigger,
                              selection=args.selection, layer=args.layer, split=split, test_size=args.test_size,
                              defence=None if args.defence == "none" else args.defence, threshold=args.threshold,
-                             model_level=args.model_level, seed=args.seed, clean_victim=clean)
+                             model_level=args.model_level, seed=args.seed, clean_victim=clean,
+                             strip=args.strip)
             single = len(args.target) * len(args.rate) == 1
             folder = out if single else out / f"{target.replace(' ', '_').replace('/', '_')}_rate{rate:g}"
             report = res.save(folder)
@@ -487,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     atk.add_argument("--defence", default="remove", choices=["remove", "relabel", "fine_prune", "none"])
     atk.add_argument("--threshold", type=float, default=5.0, help="audit flag threshold (robust z)")
     atk.add_argument("--model-level", action="store_true", help="add the model-level detectors to the audit")
+    atk.add_argument("--strip", action="store_true", help="also screen test cells with STRIP (test-time detection)")
     atk.add_argument("--C", type=float, default=0.1, help="L1-LR regularisation (logistic victim)")
     atk.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs (model victim)")
     atk.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate (model victim)")

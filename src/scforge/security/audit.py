@@ -115,6 +115,7 @@ def audit(
     threshold: float = 5.0,
     n_pcs: int = 50,
     n_neighbors: int = 15,
+    embedding: Any = None,
     batch_size: int = 64,
     progress: bool = False,
     seed: int = 0,
@@ -125,6 +126,8 @@ def audit(
     ``D_z`` (robust z); ``score`` (the largest z), ``flagged`` (``score > threshold``) and
     ``reasons``. ``model``: an :class:`~scforge.tasks.Annotator`, an scforge model, or a security
     victim, adding the model-level detectors. ``layer``: raw counts (or log-normalised values).
+    ``embedding``: the space of the ``knn`` detector, an ``obsm`` key or an array (default: 50 PCs of
+    log1p CP10k).
     ``adata`` is not modified. ``table.attrs["summary"]`` holds per-class counts and settings."""
     from scforge.security.detect import (activation_clustering_scores, anomaly_ensemble, knn_label_disagreement,
                                          robust_z, sparsity_scores, spectral_signature_scores, _pca)
@@ -166,7 +169,18 @@ def audit(
         table["anomaly"] = ens["anomaly"]
         zs["anomaly"] = robust_z(ens["anomaly"])
     if "knn" in wanted:
-        table["knn"] = knn_label_disagreement(pcs, labels, n_neighbors=n_neighbors)
+        space = pcs
+        if embedding is not None:
+            from scforge._inputs import as_embedding
+
+            if isinstance(embedding, str):
+                if embedding not in adata.obsm:
+                    raise InputDataError(f"obsm has no {embedding!r}; keys are {list(adata.obsm)}.")
+                embedding = adata.obsm[embedding]
+            space = as_embedding(embedding, what="the kNN embedding")
+            if space.shape[0] != adata.n_obs:
+                raise InputDataError(f"the kNN embedding has {space.shape[0]} rows for {adata.n_obs} cells.")
+        table["knn"] = knn_label_disagreement(space, labels, n_neighbors=n_neighbors)
         zs["knn"] = robust_z(table["knn"].to_numpy(), labels, min_scale=0.15)
     if any(d in MODEL_DETECTORS for d in wanted):
         emb, groups = _model_embedding(model, adata, layer, labels, batch_size, progress)

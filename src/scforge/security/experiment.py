@@ -146,6 +146,34 @@ def _relabel(adata: Any, label_key: str, flagged: np.ndarray, layer: str | None,
     return out
 
 
+def _strip_detection(victim: Any, test: Any, triggered: Any, clean_pool: Any, layer: str | None, n_blends: int,
+                     seed: int) -> dict[str, float]:
+    """STRIP entropy of clean and triggered test cells under ``victim``; AUROC of triggered vs clean."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    from scforge.security.detect import detection_metrics, strip_entropy
+
+    genes = test.var_names
+
+    def predict_proba(matrix: Any) -> np.ndarray:
+        m = sp.csr_matrix(matrix)
+        m.data = np.round(m.data)  # blends of counts stay counts
+        cells = ad.AnnData(m.astype(np.float32), var=pd.DataFrame(index=genes))
+        if layer is not None:
+            cells.layers[layer] = cells.X
+        return victim.predict_proba(cells, layer=layer)
+
+    def matrix(a: Any) -> Any:
+        return a.layers[layer] if layer is not None else a.X
+
+    pool = matrix(clean_pool)
+    clean_s = strip_entropy(predict_proba, matrix(test), pool, n_blends=n_blends, seed=seed)
+    trig_s = strip_entropy(predict_proba, matrix(triggered), pool, n_blends=n_blends, seed=seed + 1)
+    truth = np.r_[np.zeros(clean_s.size, bool), np.ones(trig_s.size, bool)]
+    return {"strip_auroc": detection_metrics(np.r_[clean_s, trig_s], truth)["auroc"]}
+
+
 def run_attack(
     adata: Any,
     label_key: str,
@@ -164,6 +192,8 @@ def run_attack(
     seed: int = 0,
     clean_victim: Any = None,
     trusted_fraction: float = 0.1,
+    strip: bool = False,
+    strip_blends: int = 8,
     progress: bool = False,
 ) -> AttackResult:
     """Run one backdoor experiment on ``adata`` (see the module docstring); ``adata`` is not changed.
@@ -174,7 +204,9 @@ def run_attack(
     ``"fine_prune"`` (model victims: :func:`~scforge.security.fine_prune` on ``trusted_fraction`` of the
     training cells, drawn from the cells that were not poisoned), or None; ``model_level``: add the
     model-level detectors (on the poisoned victim) to the audit. ``clean_victim``: an already fitted
-    clean victim on the same split to reuse (sweeps pass it)."""
+    clean victim on the same split to reuse (sweeps pass it). ``strip``: also screen the test cells of
+    the poisoned model with STRIP (``strip_blends`` blends with clean training cells each) and report
+    how well its entropy separates triggered from clean test cells (``detection["strip_auroc"]``)."""
     from scforge.security.audit import audit
     from scforge.security.detect import detection_metrics
     from scforge.security.poison import poison
@@ -217,6 +249,10 @@ def run_attack(
     rows += [("poisoned", m, v) for m, v in _scores(bad, test, triggered, label_key, target, layer).items()]
 
     detection: dict[str, float] = {}
+    if strip:
+        t_strip = time.perf_counter()
+        detection.update(_strip_detection(bad, test, triggered, train, layer, strip_blends, seed))
+        seconds["strip"] = time.perf_counter() - t_strip
     table = None
     if defence is not None:
         t2 = time.perf_counter()
