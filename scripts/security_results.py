@@ -6,7 +6,7 @@
 For each victim, split (a stratified 80/20 hold-out, and CTRL -> STIM as a batch shift) and target:
 scBackdoor's sparsify trigger (topnstop 2 on log1p CP10k), 5% of the training cells poisoned by the
 Gini rule, the victim trained clean / poisoned / after the audit's flagged cells are removed. Writes
-``results.csv``, ``detection.csv``, ``summary.md`` and one report folder per run under ``--out``.
+``results.csv``, ``detection.csv``, ``summary.txt`` and one report folder per run under ``--out``.
 """
 
 from __future__ import annotations
@@ -45,12 +45,17 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--out", default="benchmarks/_work/security")
+    ap.add_argument("--detector-study", action="store_true",
+                    help="only: audit detection on several triggers and selections (no training)")
     args = ap.parse_args()
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     adata = ad.read_h5ad(args.data)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.detector_study:
+        detector_study(adata, args.label_key, args.targets[0], args.rate, out)
+        return
     rows, detections = [], []
     for victim_name in args.victims:
         if victim_name == "logistic":
@@ -91,7 +96,7 @@ def main() -> None:
         out / "detection.csv", index=False)
     summary = results.pivot_table(index=["victim", "split", "target", "topnstop"], columns="stage",
                                   values=["accuracy", "asr"], sort=False).round(3)
-    (out / "summary.md").write_text(summary.to_markdown())
+    (out / "summary.txt").write_text(summary.to_string())
     print(summary.to_string())
     if args.lr_sweep:
         sweep = sweep_attack(adata, args.label_key, targets=args.targets[:1], rates=[0.01, 0.05, 0.1],
@@ -104,8 +109,39 @@ def main() -> None:
         sweep.to_csv(out / "lr_sweep.csv", index=False)
         wide = sweep[sweep.metric.isin(["accuracy", "asr"])].pivot_table(
             index=["C", "rate", "topnstop"], columns=["stage", "metric"], values="value").round(3)
-        (out / "lr_sweep.md").write_text(wide.to_markdown())
+        (out / "lr_sweep.txt").write_text(wide.to_string())
         print(wide.to_string())
+
+
+def detector_study(adata, label_key: str, target: str, rate: float, out: Path) -> None:
+    """Audit detection (combined score and each detector) for each trigger x selection; no training."""
+    from scforge.security import FixedGeneTrigger, audit, poison
+    from scforge.security.detect import detection_metrics
+
+    triggers = {
+        "sparsify topnstop 2 (published)": SparsifyTrigger(topnstop=2.0),
+        "sparsify topnstop 4": SparsifyTrigger(topnstop=4.0),
+        "sparsify topnstop 2, proportional levels (adaptive)": SparsifyTrigger(topnstop=2.0, levels="proportional"),
+        "sparsify topnstop 4, proportional levels (adaptive)": SparsifyTrigger(topnstop=4.0, levels="proportional"),
+        "fixed genes ISG15 IFI6 MX1 IFIT3 at q0.99": FixedGeneTrigger(("ISG15", "IFI6", "MX1", "IFIT3")),
+        "fixed genes CD79A MS4A1 (B markers) at q0.99": FixedGeneTrigger(("CD79A", "MS4A1")),
+    }
+    rows = []
+    for name, trig in triggers.items():
+        for selection in ("gini", "random"):
+            p = poison(adata, label_key, target, rate=rate, trigger=trig, selection=selection, seed=0)
+            t0 = time.perf_counter()
+            table = audit(p.adata, label_key)
+            secs = time.perf_counter() - t0
+            m = detection_metrics(table["score"].to_numpy(), p.poisoned, table["flagged"].to_numpy())
+            per = {f"auroc_{c[:-2]}": detection_metrics(table[c].to_numpy(), p.poisoned)["auroc"]
+                   for c in table.columns if c.endswith("_z")}
+            rows.append({"trigger": name, "selection": selection, "n_poisoned": p.n_poisoned, **m, **per,
+                         "seconds": secs})
+            print(rows[-1], flush=True)
+    frame = pd.DataFrame(rows)
+    frame.to_csv(out / "detector_study.csv", index=False)
+    (out / "detector_study.txt").write_text(frame.round(3).to_string(index=False))
 
 
 if __name__ == "__main__":

@@ -332,3 +332,15 @@ def test_audit_knn_in_a_given_embedding_and_strip_in_run_attack(cells):
     res = run_attack(cells, KEY, "B", victim="logistic", trigger=SparsifyTrigger(topnstop=4.0), defence=None,
                      strip=True, strip_blends=4)
     assert 0.0 <= res.detection["strip_auroc"] <= 1.0 and "strip" in res.seconds
+
+
+def test_audit_combines_data_level_detectors_unless_asked(cells):
+    victim = LogisticVictim(C=0.1).fit(cells, KEY)
+    default = audit(cells, KEY, model=victim)
+    data_z = default[[f"{d}_z" for d in ("level", "sparsity", "anomaly", "knn")]].max(axis=1)
+    np.testing.assert_allclose(default["score"], data_z)
+    assert default.attrs["summary"]["combined"] == ["level", "sparsity", "anomaly", "knn"]
+    both = audit(cells, KEY, model=victim, combine=("level", "spectral"))
+    np.testing.assert_allclose(both["score"], both[["level_z", "spectral_z"]].max(axis=1))
+    with pytest.raises(ConfigError, match="not run"):
+        audit(cells, KEY, detectors=("level",), combine=("level", "knn"))

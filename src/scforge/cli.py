@@ -344,7 +344,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
             model = scforge.load(args.model)
     table = audit(adata, args.label_key, layer=args.layer, model=model, threshold=args.threshold,
-                  seed=args.seed, progress=not args.no_progress)
+                  combine=tuple(args.combine) if args.combine else None, seed=args.seed,
+                  progress=not args.no_progress)
     report = write_audit_report(table, args.out, adata=adata, layer=args.layer, umap=not args.no_umap)
     summary = table.attrs["summary"]
     print(json.dumps({"n_cells": summary["n_cells"], "n_flagged": summary["n_flagged"],
@@ -504,6 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     aud.add_argument("--out", default="audit-report", help="folder for report.html, audit.json, audit.csv")
     aud.add_argument("--layer", default=None, help="layer holding the expression (default: X)")
     aud.add_argument("--threshold", type=float, default=5.0, help="flag cells whose score exceeds this robust z")
+    aud.add_argument("--combine", nargs="+", default=None,
+                     help="detectors in the combined score (default: the data-level ones: level sparsity anomaly knn)")
     aud.add_argument("--no-umap", action="store_true", help="skip the UMAP in the report")
     aud.add_argument("--seed", type=int, default=0)
     aud.add_argument("--no-progress", action="store_true")

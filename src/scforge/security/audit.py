@@ -5,8 +5,12 @@
 >>> table.loc[table.flagged, ["score", "reasons"]]
 
 Each detector's raw score is turned into a robust z-score (median / MAD; within the cell's class
-for the class-relative ones); the combined ``score`` is the largest of them, so one detector that
-sees a cell as far out is enough. A cell is flagged when ``score > threshold`` (default 5 robust
+for the class-relative ones); the combined ``score`` is the largest of the data-level ones, so one
+detector that sees a cell as far out is enough. The model-level scores are reported next to them
+and join the combined score only when asked (``combine=``): on ifnb with a weak fine-tuned model
+they ranked poisoned cells worse than the data-level detectors and tripled the false alarms
+(docs/results.md), and a small target class can be half poisoned, which hides the poison from
+per-class methods. A cell is flagged when ``score > threshold`` (default 5 robust
 standard deviations); ``reasons`` lists the detectors above it.
 
 Detectors (see :mod:`scforge.security.detect`):
@@ -116,6 +120,7 @@ def audit(
     n_pcs: int = 50,
     n_neighbors: int = 15,
     embedding: Any = None,
+    combine: tuple[str, ...] | None = None,
     batch_size: int = 64,
     progress: bool = False,
     seed: int = 0,
@@ -126,7 +131,9 @@ def audit(
     ``D_z`` (robust z); ``score`` (the largest z), ``flagged`` (``score > threshold``) and
     ``reasons``. ``model``: an :class:`~scforge.tasks.Annotator`, an scforge model, or a security
     victim, adding the model-level detectors. ``layer``: raw counts (or log-normalised values).
-    ``embedding``: the space of the ``knn`` detector, an ``obsm`` key or an array (default: 50 PCs of
+    ``combine``: the detectors whose z-scores make up ``score`` (default: the data-level ones; the
+    model-level scores are still reported, see the module docstring). ``embedding``: the space of
+    the ``knn`` detector, an ``obsm`` key or an array (default: 50 PCs of
     log1p CP10k).
     ``adata`` is not modified. ``table.attrs["summary"]`` holds per-class counts and settings."""
     from scforge.security.detect import (activation_clustering_scores, anomaly_ensemble, knn_label_disagreement,
@@ -195,12 +202,17 @@ def audit(
             zs["clusters"] = np.where(_qualifies(ac["flag"], groups), robust_z(ac["score"], groups), 0.0)
     for name, z in zs.items():
         table[f"{name}_z"] = z
-    zmat = np.column_stack([zs[k] for k in zs])
+    names = [d for d in (combine if combine is not None else DATA_DETECTORS) if d in zs]
+    if combine is not None and len(names) < len(combine):
+        raise ConfigError(f"combine={combine} names detectors that were not run ({sorted(set(combine) - set(zs))}).")
+    if not names:
+        names = list(zs)
+    zmat = np.column_stack([zs[k] for k in names])
     table["score"] = zmat.max(axis=1)
     table["flagged"] = table["score"] > threshold
-    names = list(zs)
     table["reasons"] = ["; ".join(_REASONS[names[j]] for j in np.flatnonzero(row > threshold)) for row in zmat]
-    table.attrs["summary"] = audit_summary(table, threshold=threshold, detectors=names, label_key=label_key)
+    table.attrs["summary"] = audit_summary(table, threshold=threshold, detectors=list(zs), label_key=label_key)
+    table.attrs["summary"]["combined"] = names
     return table
 
 
