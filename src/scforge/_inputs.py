@@ -63,3 +63,15 @@ def as_embedding(value: Any, *, what: str = "the embedding", width: int | None =
         raise InputDataError(f"{what} has {int(bad.sum())} non-finite values (NaN/inf){overflow} in {rows.size} "
                              f"cells (first rows {rows[:5].tolist()}); drop or fix those cells.")
     return x
+
+
+def obs_labels(adata: Any, key: str, *, what: str) -> np.ndarray:
+    """``adata.obs[key]`` as an object array of str, for a step (``what``) that needs every cell labelled:
+    a clear :class:`InputDataError` for a missing column or missing labels."""
+    if key not in adata.obs.columns:
+        raise InputDataError(f"obs has no column {key!r}; columns are {list(adata.obs.columns)[:20]}.")
+    column = adata.obs[key]
+    if column.isna().any():
+        raise InputDataError(f"obs[{key!r}] has {int(column.isna().sum())} missing labels; {what} needs every cell "
+                             "labelled. Drop the unlabelled cells or fill them first.")
+    return column.astype(str).to_numpy(dtype=object)

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from scforge._inputs import obs_labels
 from scforge.errors import ConfigError, InputDataError
 
 __all__ = ["audit", "level_consistency", "DATA_DETECTORS", "MODEL_DETECTORS", "audit_summary"]
@@ -139,8 +140,6 @@ def audit(
     from scforge.security.detect import (activation_clustering_scores, anomaly_ensemble, knn_label_disagreement,
                                          robust_z, sparsity_scores, spectral_signature_scores, _pca)
 
-    if label_key not in adata.obs.columns:
-        raise InputDataError(f"obs has no column {label_key!r}; columns are {list(adata.obs.columns)[:20]}.")
     if not threshold > 0:
         raise ConfigError(f"threshold must be > 0, got {threshold}.")
     wanted = tuple(detectors) if detectors is not None else DATA_DETECTORS + (MODEL_DETECTORS if model else ())
@@ -149,11 +148,7 @@ def audit(
         raise ConfigError(f"unknown detectors {unknown}; choose from {DATA_DETECTORS + MODEL_DETECTORS}.")
     if any(d in MODEL_DETECTORS for d in wanted) and model is None:
         raise ConfigError(f"detectors {MODEL_DETECTORS} need a model (model=...).")
-    raw_labels = adata.obs[label_key]
-    if raw_labels.isna().any():
-        raise InputDataError(f"obs[{label_key!r}] has {int(raw_labels.isna().sum())} missing labels; the audit "
-                             "scores a labelled fine-tuning set. Drop the unlabelled cells first.")
-    labels = raw_labels.astype(str).to_numpy(dtype=object)
+    labels = obs_labels(adata, label_key, what="the audit (it scores a labelled fine-tuning set)")
     x, is_counts = _expression(adata, layer)
     from scforge.baselines import log1p_cp10k
 

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from scforge._inputs import as_labels
+from scforge._inputs import as_labels, obs_labels
 from scforge.errors import ConfigError, InputDataError
 
 __all__ = ["gini_coefficient", "select_poison_cells", "poison", "PoisonedData", "SELECTIONS"]
@@ -169,13 +169,7 @@ def poison(
     if not hasattr(trigger, "apply") or getattr(trigger, "name", "") == "rank_shuffle":
         raise ConfigError("poison() applies expression-level triggers (SparsifyTrigger, FixedGeneTrigger); "
                           "RankShuffleTrigger works on Geneformer tokens (use poison_tokens).")
-    if label_key not in adata.obs.columns:
-        raise InputDataError(f"obs has no column {label_key!r}; columns are {list(adata.obs.columns)[:20]}.")
-    labels = adata.obs[label_key]
-    if labels.isna().any():
-        raise InputDataError(f"obs[{label_key!r}] has {int(labels.isna().sum())} missing labels; drop those cells "
-                             "or fill them before poisoning.")
-    y = labels.astype(str).to_numpy(dtype=object)
+    y = obs_labels(adata, label_key, what="poisoning")
     x = _matrix(adata, layer)
     gini = gini_coefficient(x) if selection != "random" else None
     idx = select_poison_cells(y, target, rate, method=selection, gini=gini, seed=seed)
