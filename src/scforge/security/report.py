@@ -315,7 +315,7 @@ def attack_verdict(wide: pd.DataFrame, settings: dict[str, Any] | None = None) -
             undone = min(max((p - d) / gain, 0.0), 1.0)
             n = next((v for v in (get("defended", "n_removed"), get("defended", "n_relabelled")) if v is not None),
                      None)
-            how = f" ({settings['defence']}: {_fmt(n)} cells)" if settings.get("defence") and n is not None else ""
+            how = f" ({settings['defence']}: {int(round(n))} cells)" if settings.get("defence") and n is not None else ""
             text += f" The defence undid {undone:.0%} of the attack's ASR gain{how}."
         else:
             text += f" The backdoor raised the ASR by {gain:.2f}; no defence was run."
