@@ -53,10 +53,10 @@ def prepare(path: Path) -> None:
 
     from scforge.baselines import log1p_cp10k
     from scforge.security import poison
-    from scforge.security.detect import _pca
+    from scforge.security.detect import top_variance_pca
 
     adata = ad.read_h5ad(DATA)
-    pcs = _pca(log1p_cp10k(adata.X), 50, 0)
+    pcs = top_variance_pca(log1p_cp10k(adata.X), 50, 0)
     known = adata.obs[KEY].notna().to_numpy()
     labels = adata.obs[KEY].astype(object).to_numpy()
     labels[~known] = KNeighborsClassifier(1).fit(pcs[known], labels[known].astype(str)).predict(pcs[~known])

@@ -344,3 +344,19 @@ def test_audit_combines_data_level_detectors_unless_asked(cells):
     np.testing.assert_allclose(both["score"], both[["level_z", "spectral_z"]].max(axis=1))
     with pytest.raises(ConfigError, match="not run"):
         audit(cells, KEY, detectors=("level",), combine=("level", "knn"))
+
+
+def test_top_variance_pca_matches_pca_on_the_most_variable_genes(cells):
+    from sklearn.decomposition import PCA
+
+    from scforge.baselines import log1p_cp10k
+    from scforge.security.detect import top_variance_pca
+
+    x = log1p_cp10k(cells.X)
+    got = top_variance_pca(x, 5, seed=0, n_top_genes=300)
+    dense = x.toarray()
+    genes = np.sort(np.argsort(-dense.var(0), kind="stable")[:300])
+    ref = PCA(5, svd_solver="full").fit_transform(dense[:, genes])
+    for j in range(5):  # same components up to sign, in order of variance
+        assert abs(np.corrcoef(got[:, j], ref[:, j])[0, 1]) > 0.999
+    np.testing.assert_array_equal(got, top_variance_pca(x, 5, seed=0, n_top_genes=300))

@@ -81,3 +81,13 @@ def test_run_attack_with_the_fine_pruning_defence(cells):
     assert 0.0 <= w.loc["defended", "asr"] <= 1.0
     with pytest.raises(ConfigError, match="model victim"):
         run_attack(cells, KEY, "B", victim="logistic", defence="fine_prune")
+
+
+def test_audit_with_a_fine_tuned_annotator_groups_by_its_predictions(annotator, cells):
+    from scforge.security import audit
+
+    obs_before = cells.obs.copy()
+    table = audit(cells, KEY, model=annotator, detectors=("level", "spectral", "clusters"))
+    assert set(table["model_group"]) <= set(annotator.classes)
+    assert np.isfinite(table["spectral_z"]).all() and list(table.index) == list(cells.obs_names)
+    assert list(cells.obs.columns) == list(obs_before.columns)  # nothing written into the caller's AnnData

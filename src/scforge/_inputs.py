@@ -32,6 +32,11 @@ def as_labels(values: Any, *, n: int | None = None, what: str = "labels",
     return arr
 
 
+def as_text_labels(values: Any, *, n: int | None = None, what: str = "labels") -> np.ndarray:
+    """:func:`as_labels`, each value as its ``str`` (an object array), so labels compare as text."""
+    return np.array([str(v) for v in as_labels(values, n=n, what=what)], dtype=object)
+
+
 def as_embedding(value: Any, *, what: str = "the embedding", width: int | None = None,
                  dtype: Any = np.float64) -> np.ndarray:
     """A finite C-ordered ``dtype`` copy ``[cells, dims]`` of ``value`` (dense, sparse or a DataFrame), or

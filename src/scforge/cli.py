@@ -303,6 +303,7 @@ def _cmd_attack(args: argparse.Namespace) -> int:
     clean = victim.fit(adata[train_idx].copy(), args.label_key, layer=args.layer)
     out = Path(args.out)
     runs, parts = [], []
+    single = len(args.target) * len(args.rate) == 1
     for target in args.target:
         for rate in args.rate:
             res = run_attack(adata, args.label_key, target, victim=victim, rate=rate, trigger=trigger,
@@ -310,14 +311,9 @@ def _cmd_attack(args: argparse.Namespace) -> int:
                              defence=None if args.defence == "none" else args.defence, threshold=args.threshold,
                              model_level=args.model_level, seed=args.seed, clean_victim=clean,
                              strip=args.strip)
-            single = len(args.target) * len(args.rate) == 1
             folder = out if single else out / f"{target.replace(' ', '_').replace('/', '_')}_rate{rate:g}"
             report = res.save(folder)
-            part = res.table.copy()
-            part.insert(0, "topnstop", float(getattr(trigger, "topnstop", float("nan"))))
-            part.insert(0, "rate", float(rate))
-            part.insert(0, "target", str(target))
-            parts.append(part)
+            parts.append(res.tidy())
             runs.append({"target": target, "rate": rate, "report": str(report),
                          "results": {s: {m: round(float(v), 4) for m, v in r.dropna().items()}
                                      for s, r in res.wide().iterrows()},

@@ -21,7 +21,7 @@ import scipy.sparse as sp
 from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
 
-from scforge._inputs import as_labels as check_labels
+from scforge._inputs import as_text_labels
 from scforge.errors import ConfigError, InputDataError
 from scforge.matrix import as_source, require_counts
 
@@ -99,7 +99,7 @@ def align_genes(x: sp.csr_matrix, names: pd.Index, genes: pd.Index, where: str =
 
 def as_labels(labels: Any, n: int | None = None, what: str = "labels") -> np.ndarray:
     """``labels`` as a 1-d object array of str (:func:`scforge._inputs.as_labels` checks them first)."""
-    return np.array([str(v) for v in check_labels(labels, n=n, what=what)], dtype=object)
+    return as_text_labels(labels, n=n, what=what)
 
 
 def _require_classes(y: np.ndarray, what: str = "labels") -> np.ndarray:

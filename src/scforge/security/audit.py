@@ -60,7 +60,11 @@ def level_consistency(x: Any, *, normalized: bool = False) -> np.ndarray:
     from scforge.baselines import log1p_cp10k
 
     counts = sp.csr_matrix(x, dtype=np.float64)
-    ln = counts if normalized else log1p_cp10k(counts)
+    return _level_consistency(counts if normalized else log1p_cp10k(counts), normalized=normalized)
+
+
+def _level_consistency(ln: sp.csr_matrix, *, normalized: bool) -> np.ndarray:
+    """:func:`level_consistency` of the log-normalised matrix ``ln`` (log1p CP10k unless ``normalized``)."""
     gene_ref = np.asarray(ln.mean(axis=0)).ravel() if normalized else np.log1p(
         np.asarray(np.expm1(ln).mean(axis=0)).ravel())
     n = ln.shape[0]
@@ -99,8 +103,9 @@ def _model_embedding(model: Any, adata: Any, layer: str | None, labels: np.ndarr
         emb = model.backend.embed(adata, layer, batch_size=batch_size, progress=progress,
                                   max_length=model.settings.get("max_length"), seed=model.settings.get("seed", 0))
         if model.mode == "fine_tune":
-            proba = model.predict(adata.copy(), layer=layer, batch_size=batch_size, progress=progress)
-            groups = proba.to_numpy().argmax(1)
+            proba = model._proba(adata, layer=layer, batch_size=batch_size, progress=progress, device="auto",
+                                 precision="auto", check_input=True)  # no writes into adata
+            groups = proba.argmax(1)
             return emb, np.asarray(model.classes, dtype=object)[groups]
         return emb, labels
     if hasattr(model, "victim_embedding"):  # a security Victim (e.g. the logistic baseline)
@@ -138,7 +143,7 @@ def audit(
     log1p CP10k).
     ``adata`` is not modified. ``table.attrs["summary"]`` holds per-class counts and settings."""
     from scforge.security.detect import (activation_clustering_scores, anomaly_ensemble, knn_label_disagreement,
-                                         robust_z, sparsity_scores, spectral_signature_scores, _pca)
+                                         robust_z, sparsity_scores, spectral_signature_scores, top_variance_pca)
 
     if not threshold > 0:
         raise ConfigError(f"threshold must be > 0, got {threshold}.")
@@ -156,14 +161,14 @@ def audit(
     table = pd.DataFrame({"label": labels}, index=pd.Index(adata.obs_names.copy(), name="cell"))
     zs: dict[str, np.ndarray] = {}
     if "level" in wanted:
-        table["level"] = -level_consistency(x, normalized=not is_counts)
+        table["level"] = -_level_consistency(logx, normalized=not is_counts)
         zs["level"] = robust_z(table["level"].to_numpy())
     if "sparsity" in wanted:
         sparse = sparsity_scores(x, labels)
         table["n_genes"], table["gini"] = sparse["n_genes"], sparse["gini"]
         table["sparsity"] = sparse["sparsity"]
         zs["sparsity"] = sparse["sparsity"]  # already robust z within class
-    pcs = _pca(logx, n_pcs, seed) if ("anomaly" in wanted or "knn" in wanted) else None
+    pcs = top_variance_pca(logx, n_pcs, seed) if ("anomaly" in wanted or "knn" in wanted) else None
     if "anomaly" in wanted:
         ens = anomaly_ensemble(logx, labels, features=pcs, seed=seed)
         table["mean_abs_zscore"] = ens["mean_abs_z"]  # the ensemble's raw parts

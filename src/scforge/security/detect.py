@@ -26,19 +26,19 @@ from typing import Any, Callable
 import numpy as np
 import scipy.sparse as sp
 
-from scforge._inputs import as_embedding, as_labels
+from scforge._inputs import as_embedding, as_text_labels
 from scforge.errors import ConfigError, InputDataError
 
 __all__ = [
     "mean_abs_z", "centroid_distance", "isolation_scores", "anomaly_ensemble", "sparsity_scores",
     "knn_label_disagreement", "spectral_signature_scores", "activation_clustering_scores", "strip_entropy",
-    "robust_z", "percentile_rank", "detection_metrics",
+    "robust_z", "percentile_rank", "detection_metrics", "top_variance_pca",
 ]
 
 
 # ---- helpers ------------------------------------------------------------------------------------
 def _labels(labels: Any, n: int) -> np.ndarray:
-    return np.array([str(v) for v in as_labels(labels, n=n, what="labels")], dtype=object)
+    return as_text_labels(labels, n=n)
 
 
 def percentile_rank(score: np.ndarray) -> np.ndarray:
@@ -104,7 +104,7 @@ def isolation_scores(features: np.ndarray, *, contamination: float = 0.1, seed: 
     return -forest.fit(features).score_samples(features)
 
 
-def _pca(x: Any, n_components: int, seed: int, n_top_genes: int = 2000) -> np.ndarray:
+def top_variance_pca(x: Any, n_components: int, seed: int, n_top_genes: int = 2000) -> np.ndarray:
     """Principal components of ``x`` over its ``n_top_genes`` most variable genes (dense, randomized
     SVD; seeded, with deterministic signs)."""
     from sklearn.decomposition import PCA
@@ -138,7 +138,7 @@ def anomaly_ensemble(x: Any, labels: Any, *, combine: str = "rank", top_percent:
     if features is not None:
         feats = np.asarray(features, dtype=np.float64)
     else:
-        feats = x.toarray() if n_pcs is None else _pca(x, n_pcs, seed)
+        feats = x.toarray() if n_pcs is None else top_variance_pca(x, n_pcs, seed)
     iso = isolation_scores(feats, contamination=top_percent / 100.0, seed=seed)
     if combine == "published":
         combined = (z + dist + iso) / 3.0

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from scforge._inputs import obs_labels
 from scforge.errors import ConfigError, InputDataError
 from scforge.metrics import classification_metrics
 
@@ -67,17 +68,10 @@ def split_cells(adata: Any, label_key: str, *, split: Any = "random", test_size:
 
 def trigger_cells(adata: Any, trigger: Any, *, layer: str | None = None, seed: int = 0) -> Any:
     """A copy of ``adata`` with ``trigger`` applied to every cell (the test-time trigger)."""
-    import scipy.sparse as sp
+    from scforge.security.poison import layer_matrix, with_matrix
 
-    x = sp.csr_matrix(adata.layers[layer] if layer is not None else adata.X)
     kwargs = {"gene_names": adata.var_names} if getattr(trigger, "name", "") == "fixed_genes" else {}
-    new = trigger.apply(x, None, seed=seed, **kwargs)
-    out = adata.copy()
-    if layer is None:
-        out.X = new
-    else:
-        out.layers[layer] = new
-    return out
+    return with_matrix(adata, layer, trigger.apply(layer_matrix(adata, layer), None, seed=seed, **kwargs))
 
 
 @dataclass
@@ -101,6 +95,17 @@ class AttackResult:
     def wide(self) -> pd.DataFrame:
         """Stages as rows, metrics as columns."""
         return self.table.pivot_table(index="stage", columns="metric", values="value", sort=False)
+
+    def tidy(self) -> pd.DataFrame:
+        """:attr:`table` plus the detection scores (stage ``"detection"``), with the run's target, rate
+        and ``topnstop`` (NaN for other triggers) as leading columns: one run's rows of a sweep table."""
+        detection = pd.DataFrame({"stage": "detection", "metric": list(self.detection),
+                                  "value": [float(v) for v in self.detection.values()]})
+        out = pd.concat([self.table, detection], ignore_index=True) if len(detection) else self.table.copy()
+        out.insert(0, "topnstop", float(self.settings.get("topnstop", float("nan"))))
+        out.insert(0, "rate", float(self.settings["rate"]))
+        out.insert(0, "target", str(self.settings["target"]))
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {"settings": self.settings, "detection": self.detection, "seconds": self.seconds,
@@ -126,14 +131,13 @@ def _scores(victim: Any, test: Any, triggered: Any, label_key: str, target: str,
 
 def _relabel(adata: Any, label_key: str, flagged: np.ndarray, layer: str | None, seed: int) -> Any:
     """Flagged cells relabelled by the majority label of their 15 nearest unflagged cells (PCA of log1p CP10k)."""
-    import scipy.sparse as sp
     from sklearn.neighbors import NearestNeighbors
 
     from scforge.baselines import log1p_cp10k
-    from scforge.security.detect import _pca
+    from scforge.security.detect import top_variance_pca
+    from scforge.security.poison import layer_matrix
 
-    x = sp.csr_matrix(adata.layers[layer] if layer is not None else adata.X)
-    pcs = _pca(log1p_cp10k(x), 50, seed)
+    pcs = top_variance_pca(log1p_cp10k(layer_matrix(adata, layer)), 50, seed)
     y = adata.obs[label_key].astype(str).to_numpy().copy()
     clean = np.flatnonzero(~flagged)
     k = min(15, clean.size)
@@ -164,12 +168,11 @@ def _strip_detection(victim: Any, test: Any, triggered: Any, clean_pool: Any, la
             cells.layers[layer] = cells.X
         return victim.predict_proba(cells, layer=layer)
 
-    def matrix(a: Any) -> Any:
-        return a.layers[layer] if layer is not None else a.X
+    from scforge.security.poison import layer_matrix
 
-    pool = matrix(clean_pool)
-    clean_s = strip_entropy(predict_proba, matrix(test), pool, n_blends=n_blends, seed=seed)
-    trig_s = strip_entropy(predict_proba, matrix(triggered), pool, n_blends=n_blends, seed=seed + 1)
+    pool = layer_matrix(clean_pool, layer)
+    clean_s = strip_entropy(predict_proba, layer_matrix(test, layer), pool, n_blends=n_blends, seed=seed)
+    trig_s = strip_entropy(predict_proba, layer_matrix(triggered, layer), pool, n_blends=n_blends, seed=seed + 1)
     truth = np.r_[np.zeros(clean_s.size, bool), np.ones(trig_s.size, bool)]
     return {"strip_auroc": detection_metrics(np.r_[clean_s, trig_s], truth)["auroc"]}
 
@@ -215,8 +218,7 @@ def run_attack(
 
     if defence is not None and defence not in ACTIONS:
         raise ConfigError(f"defence={defence!r}; choose one of {ACTIONS} or None.")
-    if label_key not in adata.obs.columns:
-        raise InputDataError(f"obs has no column {label_key!r}; columns are {list(adata.obs.columns)[:20]}.")
+    obs_labels(adata, label_key, what="the attack experiment")
     trigger = SparsifyTrigger() if trigger is None else trigger
     victim = as_victim(victim, seed=seed)
     seconds: dict[str, float] = {}
@@ -320,14 +322,6 @@ def sweep_attack(
                 res = run_attack(adata, label_key, target, victim=victim, rate=rate, split=split, seed=seed,
                                  trigger=SparsifyTrigger(topnstop=float(stop), scale=scale),
                                  clean_victim=clean, **kwargs)
-                part = res.table.copy()
-                part.insert(0, "topnstop", float(stop))
-                part.insert(0, "rate", float(rate))
-                part.insert(0, "target", str(target))
-                for k, v in res.detection.items():
-                    part = pd.concat([part, pd.DataFrame([{"target": str(target), "rate": float(rate),
-                                                           "topnstop": float(stop), "stage": "detection",
-                                                           "metric": k, "value": float(v)}])], ignore_index=True)
-                parts.append(part)
+                parts.append(res.tidy())
     return pd.concat(parts, ignore_index=True)
 

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from scforge._inputs import as_labels, obs_labels
+from scforge._inputs import as_text_labels, obs_labels
 from scforge.errors import ConfigError, InputDataError
 
 __all__ = ["gini_coefficient", "select_poison_cells", "poison", "PoisonedData", "SELECTIONS"]
@@ -74,7 +74,7 @@ def select_poison_cells(
 
     ``labels``: the training labels; ``target``: the label the backdoor should produce; ``gini``: each
     cell's Gini coefficient (:func:`gini_coefficient`), needed by the Gini methods."""
-    y = np.array([str(v) for v in as_labels(labels, what="labels")], dtype=object)
+    y = as_text_labels(labels)
     rate = _check_rate(rate)
     if method not in SELECTIONS:
         raise ConfigError(f"method={method!r}; choose one of {SELECTIONS}.")
@@ -139,11 +139,21 @@ class PoisonedData:
                 "poisoned_by_original_label": {str(k): int(v) for k, v in hit.items()}}
 
 
-def _matrix(adata: Any, layer: str | None) -> sp.csr_matrix:
-    m = adata.layers[layer] if layer is not None else adata.X
+def layer_matrix(adata: Any, layer: str | None) -> sp.csr_matrix:
+    """``adata.layers[layer]`` (or X) as CSR, with a clear error for a missing layer."""
     if layer is not None and layer not in adata.layers:
         raise InputDataError(f"layer {layer!r} not found; the AnnData has layers {list(adata.layers)}.")
-    return sp.csr_matrix(m)
+    return sp.csr_matrix(adata.layers[layer] if layer is not None else adata.X)
+
+
+def with_matrix(adata: Any, layer: str | None, matrix: Any) -> Any:
+    """A copy of ``adata`` whose ``layer`` (or X) is ``matrix``; ``adata`` is not changed."""
+    out = adata.copy()
+    if layer is None:
+        out.X = matrix
+    else:
+        out.layers[layer] = matrix
+    return out
 
 
 def poison(
@@ -170,16 +180,11 @@ def poison(
         raise ConfigError("poison() applies expression-level triggers (SparsifyTrigger, FixedGeneTrigger); "
                           "RankShuffleTrigger works on Geneformer tokens (use poison_tokens).")
     y = obs_labels(adata, label_key, what="poisoning")
-    x = _matrix(adata, layer)
+    x = layer_matrix(adata, layer)
     gini = gini_coefficient(x) if selection != "random" else None
     idx = select_poison_cells(y, target, rate, method=selection, gini=gini, seed=seed)
     kwargs = {"gene_names": adata.var_names} if getattr(trigger, "name", "") == "fixed_genes" else {}
-    new_x = trigger.apply(x, idx, seed=seed, **kwargs)
-    out = adata.copy()
-    if layer is None:
-        out.X = new_x.astype(new_x.dtype)
-    else:
-        out.layers[layer] = new_x
+    out = with_matrix(adata, layer, trigger.apply(x, idx, seed=seed, **kwargs))
     new_labels = y.copy()
     new_labels[idx] = str(target)
     categories = sorted(set(new_labels))
@@ -199,7 +204,7 @@ def poison_tokens(cells: Any, labels: Any, target: str, *, rate: float = 0.05, t
     from scforge.security.triggers import RankShuffleTrigger
 
     trigger = RankShuffleTrigger() if trigger is None else trigger
-    y = np.array([str(v) for v in as_labels(labels, n=cells.n_cells, what="labels")], dtype=object)
+    y = as_text_labels(labels, n=cells.n_cells)
     idx = select_poison_cells(y, target, rate, method="random", seed=seed)
     new_cells = trigger.apply(cells, idx, seed=seed)
     new_y = y.copy()

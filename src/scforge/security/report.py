@@ -175,7 +175,7 @@ def _umap(table: pd.DataFrame, adata: Any, layer: str | None, seed: int) -> tupl
 
     from scforge.baselines import log1p_cp10k
     from scforge.matrix import looks_like_counts
-    from scforge.security.detect import _pca
+    from scforge.security.detect import top_variance_pca
 
     pos = adata.obs_names.get_indexer(table.index)
     if (pos < 0).any():
@@ -189,7 +189,7 @@ def _umap(table: pd.DataFrame, adata: Any, layer: str | None, seed: int) -> tupl
     src = adata.layers[layer] if layer is not None else adata.X
     x = sp.csr_matrix(src[pos[rows]], dtype=np.float64, copy=True)
     logx = log1p_cp10k(x) if looks_like_counts(x) else x
-    xy = umap_coordinates(_pca(logx, 50, seed), seed)
+    xy = umap_coordinates(top_variance_pca(logx, 50, seed), seed)
     plt = _agg()
     lab = table["label"].astype(str).to_numpy()[rows]
     flagged = table["flagged"].to_numpy(dtype=bool)[rows]

@@ -172,28 +172,31 @@ class RankShuffleTrigger:
 
     def apply(self, cells: Any, rows: Any = None, *, seed: int = 0) -> Any:
         """New :class:`~scforge.tokenize.TokenizedCells` with ``rows`` triggered (all when None)."""
-        from scforge.tokenize.ragged import TokenizedCells
+        from scforge.tokenize.ragged import TokenizedCells, gather_ranges
 
         if not isinstance(cells, TokenizedCells) or cells.gene_ids is None or cells.values is not None:
             raise InputDataError("RankShuffleTrigger works on rank-value tokens (Geneformer's tokenizer output); "
                                  "for expression matrices use SparsifyTrigger or FixedGeneTrigger.")
         meta = cells.meta
         cls_id, eos_id = meta.get("cls_id"), meta.get("eos_id")
-        idx = set(_rows(rows, cells.n_cells).tolist())
+        idx = np.sort(_rows(rows, cells.n_cells))
         rng = np.random.default_rng(seed)
-        parts, lengths = [], []
-        for i in range(cells.n_cells):
+        new_rows = []
+        for i in idx.tolist():  # only the triggered cells; the others are copied in one gather below
             ids = cells.gene_ids[cells.offsets[i]:cells.offsets[i + 1]]
-            if i in idx:
-                head = ids[:1] if ids.size and cls_id is not None and ids[0] == cls_id else ids[:0]
-                tail = ids[-1:] if ids.size > head.size and eos_id is not None and ids[-1] == eos_id else ids[:0]
-                genes = ids[head.size:ids.size - tail.size][: int(self.top)].copy()
-                rng.shuffle(genes)
-                ids = np.concatenate([head, genes, tail])
-            parts.append(ids)
-            lengths.append(ids.size)
+            head = ids[:1] if ids.size and cls_id is not None and ids[0] == cls_id else ids[:0]
+            tail = ids[-1:] if ids.size > head.size and eos_id is not None and ids[-1] == eos_id else ids[:0]
+            genes = ids[head.size:ids.size - tail.size][: int(self.top)].copy()
+            rng.shuffle(genes)
+            new_rows.append(np.concatenate([head, genes, tail]))
+        lengths = cells.lengths.copy()
+        lengths[idx] = [r.size for r in new_rows]
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        gene_ids = np.concatenate(parts).astype(cells.gene_ids.dtype) if parts else cells.gene_ids[:0]
+        gene_ids = np.empty(int(offsets[-1]), dtype=cells.gene_ids.dtype)
+        kept = np.setdiff1d(np.arange(cells.n_cells), idx)
+        gene_ids[gather_ranges(offsets, kept)] = cells.gene_ids[gather_ranges(cells.offsets, kept)]
+        for i, new in zip(idx.tolist(), new_rows):
+            gene_ids[offsets[i]:offsets[i + 1]] = new
         return TokenizedCells(offsets, gene_ids, None, np.asarray(cells.obs_names).copy(), dict(meta))
 
 
@@ -242,13 +245,15 @@ class FixedGeneTrigger:
         if np.issubdtype(x.dtype, np.integer) or (x.data.size and np.all(x.data == np.round(x.data))):
             lv = np.maximum(np.round(lv), 1.0)
         idx = _rows(rows, x.shape[0])
-        new_rows = []
-        for i in idx.tolist():
-            lo, hi = x.indptr[i], x.indptr[i + 1]
-            keep = ~np.isin(x.indices[lo:hi], cols)
-            new_rows.append((np.concatenate([x.indices[lo:hi][keep], cols]).astype(np.int32),
-                             np.concatenate([x.data[lo:hi][keep], lv]).astype(np.result_type(x.dtype, np.float32))))
-        return _replace_rows(x, idx, new_rows)
+        dtype = np.result_type(x.dtype, np.float32)
+        where = sp.csr_matrix((np.ones(idx.size * cols.size), (np.repeat(idx, cols.size), np.tile(cols, idx.size))),
+                              shape=x.shape)
+        patch = sp.csr_matrix((np.tile(lv, idx.size), (np.repeat(idx, cols.size), np.tile(cols, idx.size))),
+                              shape=x.shape)
+        out = sp.csr_matrix((x - x.multiply(where) + patch).astype(dtype))
+        out.eliminate_zeros()
+        out.sort_indices()
+        return out
 
 
 TRIGGERS = ("sparsify", "rank_shuffle", "fixed_genes")

@@ -56,14 +56,14 @@ class LogisticVictim:
         return np.asarray(self._fitted().predict(adata, layer=layer)).astype(str)
 
     def victim_embedding(self, adata: Any, layer: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        from scforge.security.detect import _pca
+        from scforge.security.detect import top_variance_pca
 
         base = self._fitted()
         x = base._features(adata, layer)[0]
         coef = np.abs(np.vstack([e.coef_ for e in base.clf.estimators_])).sum(0)
         used = np.flatnonzero(coef > 0)
         x = x[:, used] if used.size else x
-        return _pca(x, 50, self.seed), self.predict(adata, layer=layer)
+        return top_variance_pca(x, 50, self.seed), self.predict(adata, layer=layer)
 
 
 class ModelVictim:
@@ -103,9 +103,9 @@ class ModelVictim:
         return list(self._fitted().classes)
 
     def predict_proba(self, adata: Any, *, layer: str | None = None) -> np.ndarray:
-        # predict() writes its columns into the AnnData it gets: give it a shallow copy
-        view = adata.copy() if hasattr(adata, "obs") else adata
-        return self._fitted().predict(view, layer=layer, progress=self.progress).to_numpy()
+        # the probabilities without Annotator.predict's writes into the AnnData (no copy needed)
+        return self._fitted()._proba(adata, layer=layer, batch_size=64, progress=self.progress, device="auto",
+                                     precision=self.kwargs["precision"], check_input=True)
 
     def predict(self, adata: Any, *, layer: str | None = None) -> np.ndarray:
         return np.asarray(self.classes, dtype=object)[self.predict_proba(adata, layer=layer).argmax(1)].astype(str)
