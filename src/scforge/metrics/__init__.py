@@ -13,3 +13,13 @@ from scforge.metrics.integration import (
 
 __all__ = ["ClassificationReport", "ClusteringReport", "best_leiden", "classification_metrics", "clustering_metrics"]
 __all__ += ["IntegrationReport", "avg_batch", "avg_bio", "integration_metrics", "integration_metrics_adata"]
+from scforge.metrics.perturbation import (
+    evaluate_perturbations,
+    pearson_delta,
+    perturbation_metrics,
+    summarize_perturbations,
+    top_expressed_genes,
+)
+
+__all__ += ["evaluate_perturbations", "pearson_delta", "perturbation_metrics", "summarize_perturbations",
+            "top_expressed_genes"]
