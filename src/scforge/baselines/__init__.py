@@ -7,9 +7,21 @@ Heavy libraries (scanpy, harmonypy) are imported only when a function needs them
 from scforge.baselines.harmony import harmony_integrate, harmony_pca
 from scforge.baselines.logistic import DEFAULT_C_GRID, LogisticBaseline, log1p_cp10k, log2_cp10k
 from scforge.baselines.pca import HVGPCA, hvg_pca
+from scforge.baselines.perturbation import (Additive, FeatureRegressor, LinearModel, NoChange,
+                                            PerturbationBaseline, TrainMean, baseline_registry,
+                                            go_feature_matrix, make_baseline)
 from scforge.baselines.probes import EmbeddingClassifier
 
 __all__ = [
+    "Additive",
+    "FeatureRegressor",
+    "LinearModel",
+    "NoChange",
+    "PerturbationBaseline",
+    "TrainMean",
+    "baseline_registry",
+    "go_feature_matrix",
+    "make_baseline",
     "DEFAULT_C_GRID",
     "EmbeddingClassifier",
     "HVGPCA",
