@@ -22,6 +22,14 @@ from scforge.genes.mapping import (
     mouse_to_human,
     strip_version,
 )
+from scforge.genes.text import (
+    GeneTextEmbeddings,
+    default_text_model,
+    embed_gene_texts,
+    gene_texts,
+    go_gene_embeddings,
+    read_genept_pickle,
+)
 from scforge.genes.vocab import GeneVocab, TokenNotFoundError
 
 __all__ = [
@@ -41,4 +49,10 @@ __all__ = [
     "CoverageReport",
     "coverage_report",
     "gene_coverage",
+    "GeneTextEmbeddings",
+    "read_genept_pickle",
+    "gene_texts",
+    "embed_gene_texts",
+    "go_gene_embeddings",
+    "default_text_model",
 ]
