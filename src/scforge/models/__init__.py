@@ -27,6 +27,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "geneformer": ("scforge.models.geneformer", "Geneformer"),
     "scbert": ("scforge.models.scbert", "ScBERT"),
     "sccello": ("scforge.models.sccello", "ScCello"),
+    "scgpt-perturb": ("scforge.tasks.perturb", "PerturbationModel"),
 }
 
 

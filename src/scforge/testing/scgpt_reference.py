@@ -115,3 +115,33 @@ def load_scgpt_model_module() -> types.ModuleType:
 def vocab_stand_in(mapping: dict[str, int]) -> _VocabStandIn:
     """A dict usable as the reference's ``vocab`` argument."""
     return _VocabStandIn(mapping)
+
+
+def load_scgpt_generation_module() -> types.ModuleType:
+    """scGPT's ``scgpt.model.generation_model`` (``TransformerGenerator``). Its only other import,
+    ``scgpt.utils.map_raw_id_to_vocab_id``, comes from a package whose ``__init__`` needs IPython and
+    more; a bare ``scgpt.utils`` with the wheel's own ``util`` module stands in, unless the real one is
+    already imported."""
+    load_scgpt_model_module()
+    package_dir = Path(sys.modules["scgpt"].__path__[0])  # type: ignore[attr-defined]
+    if "scgpt.utils" not in sys.modules:
+        sub = types.ModuleType("scgpt.utils")
+        sub.__path__ = [str(package_dir / "utils")]  # type: ignore[attr-defined]
+        sub._scforge_stub = True  # type: ignore[attr-defined]
+
+        def map_raw_id_to_vocab_id(raw_ids: Any, gene_ids: Any) -> Any:
+            """The wheel's mapping of dataset gene positions to vocabulary ids (same semantics)."""
+            import numpy as np
+            import torch
+
+            if isinstance(raw_ids, torch.Tensor):
+                return torch.as_tensor(np.asarray(gene_ids)[raw_ids.cpu().numpy()], device=raw_ids.device)
+            return np.asarray(gene_ids)[np.asarray(raw_ids)]
+
+        sub.map_raw_id_to_vocab_id = map_raw_id_to_vocab_id  # type: ignore[attr-defined]
+        sys.modules["scgpt.utils"] = sub
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return importlib.import_module("scgpt.model.generation_model")
