@@ -253,13 +253,31 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from scforge.bench import load_config, run_matrix
+    from scforge.bench import parse_config, run_matrix
+    from scforge.bench.config import _read
+    from scforge.errors import ConfigError
 
-    config = load_config(args.config)
+    path = Path(args.config)
+    raw = _read(path)
+    say = None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    if raw.get("task") == "perturbation":
+        from scforge.bench.perturbation import parse_perturbation_config, run_perturbation_bench
+
+        config = parse_perturbation_config(raw, path.resolve().parent, source=str(path))
+        if args.output:
+            config = dataclasses.replace(config, output=Path(args.output).resolve())
+        results = run_perturbation_bench(config, fresh=args.fresh, report=not args.no_report, say=say)
+        done = results.attrs
+        print(json.dumps({"computed": len(done["computed"]), "reused": len(done["reused"]), "rows": int(len(results)),
+                          "files": {k: str(v) for k, v in done["files"].items()}}, indent=2))
+        return 0
+    if "task" in raw:
+        raise ConfigError(f"{path}: task={raw['task']!r}; use task: perturbation for a perturbation benchmark, or "
+                          "leave 'task' out for the experiment matrix.")
+    config = parse_config(raw, path.resolve().parent, source=str(path))
     if args.output:
         config = dataclasses.replace(config, output=Path(args.output).resolve())
-    run = run_matrix(config, fresh=args.fresh, report=not args.no_report,
-                     log=None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True)))
+    run = run_matrix(config, fresh=args.fresh, report=not args.no_report, log=say)
     print(json.dumps({"computed": len(run.computed), "reused": len(run.reused), "skipped": run.skipped,
                       "rows": int(len(run.results)), "files": {k: str(v) for k, v in run.files.items()}}, indent=2))
     return 0
@@ -457,7 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     pred.set_defaults(func=_cmd_predict)
 
     bench = sub.add_parser("bench", help="run an experiment matrix (models x datasets x modes x seeds x fractions)")
-    bench.add_argument("config", help="matrix config (.yaml/.yml/.toml); see docs/evaluation.md")
+    bench.add_argument("config", help="matrix config (.yaml/.yml/.toml); see docs/evaluation.md, or a "
+                       "perturbation benchmark (task: perturbation; docs/perturbation_bench.md)")
     bench.add_argument("--output", help="results folder (default: the config's 'output')")
     bench.add_argument("--fresh", action="store_true", help="recompute finished units (embeddings stay cached)")
     bench.add_argument("--no-report", action="store_true", help="skip the HTML report")
