@@ -186,12 +186,11 @@ class PerturbationModel:
         if not heads:
             raise CheckpointError(f"{args_path} has no 'nheads'; pass n_heads=")
         raw = safe_torch_load(weights, what="scGPT perturbation weights")
-        probe = config_from_state(published_to_scforge(raw, PerturbConfig(1, 0)), vocab_size=len(vocab),
-                                  pad_token_id=vocab.special_id("pad"), n_heads=int(heads))
-        probe.model_type = model_type or ("scgpt" if not probe.text_sources else "scgenept")
-        state = published_to_scforge(raw, probe)
+        # scGenePT's GO-all encoder is stored as gopt_encoder_f: from the file alone it reads as GO-F
+        state = published_to_scforge(raw, PerturbConfig(len(vocab), vocab.special_id("pad")))
         config = config_from_state(state, vocab_size=len(vocab), pad_token_id=vocab.special_id("pad"),
-                                   n_heads=int(heads), model_type=probe.model_type)
+                                   n_heads=int(heads))
+        config.model_type = model_type or ("scgpt" if not config.text_sources else "scgenept")
         module = ScGPTPerturbModel(config)
         result = module.load_state_dict({k: v for k, v in state.items() if k in module.state_dict()}, strict=False)
         if result.missing_keys:
@@ -435,25 +434,22 @@ def _text_tables(vocab: GeneVocab, sources: Sequence[str], embeddings: Mapping[s
     if missing:
         raise ConfigError(f"this model type needs text embeddings for {missing}; pass text_embeddings={{source: "
                           "GeneTextEmbeddings}} (see scforge.genes.text)")
+    from scforge.genes.text import GeneTextEmbeddings
+
     tables = {}
-    rng = np.random.default_rng(seed)
     tokens = vocab.tokens
-    specials = set(vocab.specials.values())
+    special = np.isin(tokens, list(vocab.specials.values()))
     for source in sources:
         emb = embeddings[source]
-        dim = int(getattr(emb, "dim", 0) or len(next(iter(emb.values()))))
-        table = rng.uniform(-0.1, 0.1, size=(len(tokens), dim)).astype(np.float32)
-        found = 0
-        for i, tok in enumerate(tokens):
-            if tok in specials:
-                table[i] = 0.0
-            elif tok in emb:
-                table[i] = np.asarray(emb[tok], dtype=np.float32)
-                found += 1
-        if found == 0:
+        if not isinstance(emb, GeneTextEmbeddings):  # any symbol -> vector mapping
+            emb = GeneTextEmbeddings(list(emb), np.stack([np.asarray(v, dtype=np.float32) for v in emb.values()]))
+        table, found = emb.matrix(tokens, missing="uniform", seed=seed)
+        table[special] = 0.0
+        found &= ~special
+        if not found.any():
             raise GeneIdentityError(f"none of the vocabulary's genes has a {source} text embedding; check that the "
                                     "embeddings are keyed by the same gene symbols as the vocabulary")
-        logger.info("%s text embeddings: %d of %d vocabulary genes", source, found, len(tokens) - len(specials))
+        logger.info("%s text embeddings: %d of %d vocabulary genes", source, int(found.sum()), int((~special).sum()))
         tables[source] = torch.as_tensor(table)
     return tables
 
