@@ -368,6 +368,78 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _grn_network(args: argparse.Namespace, adata: Any, genes: list[str]) -> Any:
+    """The network the ``grn`` command asked for (a difference when --reference is given)."""
+    import scforge
+
+    if args.method == "embedding":
+        if args.state_key or args.state or args.reference:
+            raise ScforgeError("--state-key/--state/--reference apply to --method attention or coexpression; the "
+                               "embedding network does not depend on cells.")
+        from scforge.tasks.grn import embedding_network
+
+        return embedding_network(scforge.load(args.model), genes)
+    if args.reference is not None and (args.state is None or args.state_key is None):
+        raise ScforgeError("--reference needs --state-key and --state (the network is STATE minus REFERENCE).")
+    if args.method == "attention":
+        from scforge.tasks.grn import attention_difference, attention_network
+
+        model = scforge.load(args.model)
+        kw = {"layers": args.layers, "batch_size": args.batch_size, "max_cells": args.max_cells,
+              "device": args.device, "seed": args.seed, "progress": not args.no_progress, "layer": args.layer}
+        if args.reference is not None:
+            return attention_difference(model, adata, args.state_key, args.state, args.reference, genes, **kw)
+        return attention_network(model, adata, genes, state_key=args.state_key, state=args.state, **kw)
+    from scforge.baselines.coexpression import coexpression_difference, coexpression_network
+
+    if args.reference is not None:
+        return coexpression_difference(adata, args.state_key, args.state, args.reference, genes,
+                                       method=args.correlation, layer=args.layer)
+    return coexpression_network(adata, genes, method=args.correlation, state_key=args.state_key, state=args.state,
+                                layer=args.layer)
+
+
+def _cmd_grn(args: argparse.Namespace) -> int:
+    import anndata as ad
+
+    from scforge.tokenize import select_hvg
+
+    data = Path(args.data)
+    if not data.is_file() or data.suffix != ".h5ad":
+        raise ScforgeError(f"Data file {args.data!r} not found or not an .h5ad file.")
+    _check_out_folder(args.out, args.overwrite)
+    adata = ad.read_h5ad(data)
+    genes = select_hvg(adata, args.n_hvg, layer=args.layer) if args.n_hvg < adata.n_vars else \
+        [str(g) for g in adata.var_names]
+    net = _grn_network(args, adata, genes)
+    difference = args.reference is not None
+    threshold, top_k = args.threshold, args.top_k
+    if threshold is None and top_k is None:
+        threshold, top_k = (None, 10) if args.method == "attention" or difference else (0.4, None)
+    edges = net.edges(threshold=threshold, top_k=top_k, absolute=difference)
+    programs = net.programs(n_neighbors=args.n_neighbors, resolution=args.resolution, min_size=args.min_size,
+                            seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    edges.to_csv(out / "edges.csv", index=False)
+    programs.to_csv(out / "programs.csv", index=False)
+    summary: dict[str, Any] = {"method": net.method, "genes": len(net.genes), "edges": len(edges),
+                               "programs": int(programs["program"].nunique()), "written": str(out)}
+    if args.go_dir:
+        from scforge.metrics.grn import go_gene_sets, go_term_names, n_enriched_programs, program_enrichment
+
+        sets = go_gene_sets(args.go_dir, "BP", universe=net.genes)
+        table = program_enrichment(programs, sets, net.genes, term_names=go_term_names(args.go_dir)) \
+            if len(programs) else None
+        if table is not None:
+            table.to_csv(out / "enrichment.csv", index=False)
+        summary["programs_enriched_fdr_0.05"] = 0 if table is None else n_enriched_programs(table)
+    else:
+        summary["enrichment"] = "skipped: pass --go-dir (the folder of GO tables) to test programs for GO BP terms"
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scforge",
@@ -526,6 +598,33 @@ def build_parser() -> argparse.ArgumentParser:
     aud.add_argument("--seed", type=int, default=0)
     aud.add_argument("--no-progress", action="store_true")
     aud.set_defaults(func=_cmd_audit)
+
+    grn = sub.add_parser("grn", help="gene networks and programs: gene embeddings, attention or co-expression")
+    grn.add_argument("data", help="an .h5ad file of raw counts (it is not modified)")
+    grn.add_argument("--out", required=True, help="folder for edges.csv, programs.csv (and enrichment.csv)")
+    grn.add_argument("--method", default="embedding", choices=["embedding", "attention", "coexpression"])
+    grn.add_argument("--model", default="default", help="model folder, or 'default' (shipped)")
+    grn.add_argument("--n-hvg", type=int, default=1200, help="genes: this many HVGs (seurat_v3; default 1200)")
+    grn.add_argument("--layer", default=None, help="layer holding the counts (default: X)")
+    grn.add_argument("--state-key", default=None, help="obs column of the states (e.g. stim)")
+    grn.add_argument("--state", default=None, help="use the cells of this state (e.g. STIM)")
+    grn.add_argument("--reference", default=None, help="also build REFERENCE's network and write STATE minus it")
+    grn.add_argument("--correlation", default="pearson", choices=["pearson", "spearman"], help="co-expression")
+    grn.add_argument("--threshold", type=float, default=None,
+                     help="edges above this weight (default 0.4 for embedding/coexpression networks)")
+    grn.add_argument("--top-k", type=int, default=None, help="edges per gene (default 10 for attention/differences)")
+    grn.add_argument("--resolution", type=float, default=1.0, help="Leiden resolution of the programs")
+    grn.add_argument("--min-size", type=int, default=5, help="smallest program kept (genes)")
+    grn.add_argument("--n-neighbors", type=int, default=15, help="kNN graph of the programs")
+    grn.add_argument("--layers", type=int, nargs="+", default=None, help="attention: model layers (default all)")
+    grn.add_argument("--batch-size", type=int, default=16, help="attention: cells per batch")
+    grn.add_argument("--max-cells", type=int, default=None, help="attention: at most this many cells per state")
+    grn.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    grn.add_argument("--go-dir", default=None, help="folder of the GO tables: adds enrichment.csv (GO BP)")
+    grn.add_argument("--seed", type=int, default=0)
+    grn.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    grn.add_argument("--overwrite", action="store_true", help="write into --out even if it is not empty")
+    grn.set_defaults(func=_cmd_grn)
 
     demo = sub.add_parser("demo", help="annotation on scanpy's pbmc68k_reduced with the shipped default model")
     demo.add_argument("--out", default="demo-report", help="report folder (default demo-report/)")

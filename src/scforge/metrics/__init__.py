@@ -23,3 +23,12 @@ from scforge.metrics.perturbation import (
 
 __all__ += ["evaluate_perturbations", "pearson_delta", "perturbation_metrics", "summarize_perturbations",
             "top_expressed_genes"]
+from scforge.metrics.grn import (
+    gene_set_recovery,
+    go_gene_sets,
+    interferon_genes,
+    n_enriched_programs,
+    program_enrichment,
+)
+
+__all__ += ["gene_set_recovery", "go_gene_sets", "interferon_genes", "n_enriched_programs", "program_enrichment"]
