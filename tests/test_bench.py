@@ -86,6 +86,8 @@ def test_yaml_and_toml_configs_agree_and_resolve_paths(tmp_path):
     ("datasets: {d: {path: x.h5ad, label_key: y}}\ntraining: {epoch: 2}\n", "training takes"),
     ("datasets: {d: {path: x.h5ad, label_key: y}}\nintegration: true\n", "batch_key"),
     ("datasets: {pca: {path: x.h5ad, label_key: y}}\n", "reserved"),
+    ("datasets: {d: {path: x.h5ad, label_key: y}}\nintegration_finetune: {epoch: 2}\n", "integration_finetune takes"),
+    ("datasets: {d: {path: x.h5ad, label_key: y}}\nintegration_finetune: {mask_ratio: 2}\n", "mask_ratio"),
     ("datasets: [\n", "not valid YAML"),
 ])
 def test_bad_configs_get_clear_errors(tmp_path, text, match):
@@ -229,7 +231,7 @@ def test_embeddings_are_cached_by_model_and_dataset(first_run, workspace):
 def test_training_modes_integration_and_report(workspace):
     path = _config(workspace, "full", "modes: [fine_tune, no_pretraining, no_pretraining_frozen]\n"
                    "baselines: [pca_knn]\nseeds: [0]\nfractions: [1.0]\ntraining: {epochs: 1, batch_size: 64}\n"
-                   "integration: true\n")
+                   "integration: true\nintegration_finetune: {epochs: 1, n_hvg: 48, batch_size: 32}\n")
     run = run_matrix(path, log=None)
     r = run.results
     ann = r[r.task == "annotation"]
@@ -237,6 +239,10 @@ def test_training_modes_integration_and_report(workspace):
     assert ann.value.notna().all()
     integ = r[r.task == "integration"]
     assert set(integ.method) == {"pca", "harmony", "tiny"}
+    assert set(integ[integ.method == "tiny"]["mode"]) == {"zero_shot", "fine_tune"}  # scGPT's integration recipe
+    tuned = integ[(integ.method == "tiny") & (integ["mode"] == "fine_tune")].set_index("metric")["value"]
+    assert {"avg_bio", "avg_batch", "ilisi"} <= set(tuned.index) and tuned.notna().all()
+    integ = integ[integ["mode"] != "fine_tune"]
     wide = integ.pivot_table(index="method", columns="metric", values="value")
     assert {"nmi", "ari", "avg_bio", "avg_batch", "ilisi", "kbet", "graph_connectivity"} <= set(wide.columns)
     assert wide.loc["pca", "avg_bio"] > wide.loc["tiny", "avg_bio"]  # an untrained tiny model is no match for PCA

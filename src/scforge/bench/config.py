@@ -90,6 +90,8 @@ class MatrixConfig:
     split_seed: int = 0
     training: TrainingSpec = field(default_factory=TrainingSpec)
     integration: bool = False
+    # scGPT integration fine-tuning per scGPT-family model (IntegrationSettings fields); None: zero-shot only
+    integration_finetune: dict[str, Any] | None = None
     annotation: bool = True
     logistic_C: float | str = 0.1  # noqa: N815 - scikit-learn's name
     n_neighbors: int = 10
@@ -269,6 +271,8 @@ def parse_config(data: dict[str, Any], base: Path, *, source: str = "config") ->
                       ("umap", bool)):
         if key in data:
             kwargs[key] = kind(data.pop(key))
+    if "integration_finetune" in data:
+        kwargs["integration_finetune"] = _integration_settings(data.pop("integration_finetune"), source)
     if "logistic_C" in data:
         c = data.pop("logistic_C")
         kwargs["logistic_C"] = c if c == "cv" else float(c)
@@ -284,6 +288,23 @@ def parse_config(data: dict[str, Any], base: Path, *, source: str = "config") ->
                         models=models, modes=modes, baselines=baselines, seeds=seeds, train_seeds=train_seeds,
                         fractions=fractions, train_fractions=train_fractions,
                         training=training, cache=cache, **kwargs)
+
+
+def _integration_settings(value: Any, source: str) -> dict[str, Any] | None:
+    """``integration_finetune``: true (the tutorial's settings), false/null, or a mapping of settings."""
+    from scforge.tasks.integrate import IntegrationSettings
+
+    if value in (None, False):
+        return None
+    settings = {} if value is True else value
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{source}: integration_finetune must be true, false or a mapping of settings "
+                          f"({list(IntegrationSettings.__dataclass_fields__)}), got {value!r}.")
+    try:
+        return IntegrationSettings(**settings).to_dict()
+    except TypeError:
+        raise ConfigError(f"{source}: integration_finetune takes {list(IntegrationSettings.__dataclass_fields__)}, "
+                          f"got {sorted(settings)}.") from None
 
 
 def load_config(path: str | os.PathLike) -> MatrixConfig:

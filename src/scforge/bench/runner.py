@@ -27,6 +27,7 @@ import pandas as pd
 from scforge.bench.cache import ArrayCache, PartStore, atomic_write_text, fingerprint, stable_hash
 from scforge.bench.config import TRAINING_MODES, DatasetSpec, MatrixConfig, ModelSpec, load_config
 from scforge.bench.splits import Split, few_shot_splits
+from scforge.tasks.embed import embed_cells, supports_training  # noqa: F401 (re-exported)
 from scforge.errors import ConfigError, InputDataError
 
 logger = logging.getLogger(__name__)
@@ -188,6 +189,23 @@ class _Runner:
                                                        batch_size=spec.batch_size, max_length=spec.max_length),
                             f"{ds.spec.name} with {spec.name}")
 
+    def integrated(self, ds: _Dataset, spec: ModelSpec) -> np.ndarray:
+        """Embeddings after scGPT's integration fine-tuning (all cells; cached like the others)."""
+        from scforge.tasks.integrate import IntegrationSettings, fine_tune_integration
+
+        c = self.config
+        parts = {"name": f"{spec.name}-integrated", "dataset": ds.spec.name, "data": ds.fingerprint,
+                 "layer": ds.spec.layer, "model": self.model_fingerprint(spec), "batch_key": ds.spec.batch_key,
+                 "settings": c.integration_finetune, "seed": c.split_seed}
+
+        def compute() -> np.ndarray:
+            tuned = fine_tune_integration(self.model(spec), ds.adata, ds.spec.batch_key, layer=ds.spec.layer,
+                                          settings=IntegrationSettings(**c.integration_finetune), seed=c.split_seed,
+                                          progress=False)
+            return tuned.embed(ds.adata, ds.spec.layer, key_added=None)
+
+        return self._cached(parts, compute, f"{ds.spec.name} with {spec.name} (integration fine-tune)")
+
     def embedding(self, ds: _Dataset, name: str) -> np.ndarray:
         if name == "pca":
             return self.pca(ds)
@@ -245,6 +263,14 @@ class _Runner:
                         s.update(model=self.model_fingerprint(m), max_length=m.max_length)
                     units.append(Unit("integration", dspec.name, name, kind, "zero_shot" if kind == "model"
                                       else "baseline", c.split_seed, float("nan"), s))
+                    if kind == "model" and c.integration_finetune is not None:
+                        if not _is_scgpt(self.model(self.model_specs[name])):
+                            msg = f"{name}/integration fine-tune: scGPT's recipe needs an scGPT-family model"
+                            if msg not in skipped:
+                                skipped.append(msg)
+                            continue
+                        units.append(Unit("integration", dspec.name, name, kind, "fine_tune", c.split_seed,
+                                          float("nan"), {**s, "integration_finetune": c.integration_finetune}))
         return units, skipped
 
     def run_unit(self, unit: Unit) -> pd.DataFrame:
@@ -306,7 +332,9 @@ class _Runner:
         t0 = time.perf_counter()
         lab = ds.labelled
         embs = {"pca": self.pca(ds)[lab]}
-        if unit.method != "pca":
+        if unit.mode == "fine_tune":
+            embs[unit.method] = self.integrated(ds, self.model_specs[unit.method])[lab]
+        elif unit.method != "pca":
             embs[unit.method] = self.embedding(ds, unit.method)[lab]
         # the unintegrated PCA is PCR's reference; its own row is the "pca" unit's, not scored again here
         report = integration_metrics(embs, ds.labels, ds.batches[lab], unintegrated="pca", seed=unit.seed,
@@ -326,22 +354,10 @@ def _rows(unit: Unit, values: dict[str, float], *, n_train: int, n_test: int) ->
     })
 
 
-def supports_training(model: Any) -> bool:
-    """Whether ``model``'s family can be fine-tuned for classification in scforge."""
-    return callable(getattr(model, "annotation_backend", None))
+def _is_scgpt(model: Any) -> bool:
+    from scforge.models.scgpt import ScGPT
 
-
-def embed_cells(model: Any, adata: Any, *, layer: str | None = None, batch_size: int = 64,
-                max_length: int | None = None, progress: bool = False) -> np.ndarray:
-    """Frozen cell embeddings ``[cells, dims]`` of any scforge model, in input order; ``adata`` unchanged."""
-    if supports_training(model):
-        backend = model.annotation_backend()
-        return backend.embed(adata, layer, batch_size=batch_size, max_length=max_length, seed=0, progress=progress)
-    embed = getattr(model, "embed", None)
-    if embed is None:
-        raise ConfigError(f"{type(model).__name__} cannot embed cells.")
-    return np.asarray(embed(adata, layer, batch_size=batch_size, max_length=max_length, key_added=None,
-                            progress=progress))
+    return isinstance(model, ScGPT)
 
 
 def _stderr(msg: str) -> None:

@@ -28,6 +28,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "scbert": ("scforge.models.scbert", "ScBERT"),
     "sccello": ("scforge.models.sccello", "ScCello"),
     "scgpt-perturb": ("scforge.tasks.perturb", "PerturbationModel"),
+    "scgpt-integration": ("scforge.tasks.integrate", "IntegrationModel"),
 }
 
 

@@ -1,1 +1,2 @@
-"""User verbs built on the models and the training engine: pretrain, annotate, ..."""
+"""User verbs built on the models and the training engine: pretrain, annotate, integrate, perturb, grn,
+multi-omic integration."""
