@@ -201,3 +201,40 @@ def test_recipe_defaults_are_the_tutorials():
 def test_unlabelled_adata_types_are_refused():
     with pytest.raises(InputDataError):
         batch_codes(np.zeros((3, 3)), "stim")
+
+
+def test_zero_shot_works_for_every_family(cells):
+    """scGPT, Geneformer, scBERT and scCello each give one finite row per cell, in input order."""
+    from scforge.genes.builtin import builtin_vocab
+    from scforge.models.geneformer import GeneformerConfig
+    from scforge.models.geneformer.api import Geneformer
+    from scforge.models.scbert.api import ScBERT
+    from scforge.models.sccello.api import ScCello
+    from scforge.models.scgpt import ScGPT
+
+    small = cells[::4].copy()
+    totals = np.asarray(small.X.sum(0)).ravel()
+    panel = [str(g) for g in small.var_names[np.argsort(-totals, kind="stable")[:99]]]
+    torch.manual_seed(0)
+    models = {
+        "scgpt": ScGPT.new(builtin_vocab("scgpt-human"), d_model=16, n_heads=2, d_hid=32, n_layers=1),
+        "geneformer": Geneformer.new(GeneformerConfig.v1_10m(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                             intermediate_size=32, max_position_embeddings=64),
+                                     "geneformer-v1"),
+        "scbert": ScBERT.new(panel, gene2vec=np.random.default_rng(0).normal(size=(99, 16)).astype(np.float32),
+                             seed=0, dim=16, depth=1, heads=2, dim_head=8, nb_features=12),
+        "sccello": ScCello.new([], num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+                               max_position_embeddings=64, seed=0),
+    }
+    for family, model in models.items():
+        data = small.copy()
+        emb = zero_shot_integration(model, data, max_length=None if family == "scbert" else 48)
+        assert emb.shape[0] == small.n_obs and np.isfinite(emb).all(), family
+        assert data.obsm[f"X_{model.family}_zeroshot"] is emb
+        length = None if family == "scbert" else 48
+        if family == "scgpt":  # seeded per-row gene subsampling and tie-breaking: same input, same rows
+            np.testing.assert_array_equal(zero_shot_integration(model, small.copy(), max_length=length), emb)
+            continue
+        # rows follow the input order: embedding the cells reversed reverses the rows
+        back = zero_shot_integration(model, small[::-1].copy(), max_length=length)
+        np.testing.assert_allclose(back[::-1], emb, atol=1e-4, err_msg=family)
