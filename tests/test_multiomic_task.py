@@ -187,6 +187,9 @@ def test_fit_embed_deterministic_and_save_load(tmp_path):
     pd.testing.assert_frame_equal(data.obs, obs_before)
     folder = first.save(tmp_path / "mo")
     again = MultiOmicModel.load(folder)
+    import scforge
+
+    assert isinstance(scforge.load(folder), MultiOmicModel)  # the family is registered
     assert again.batches == ["0", "1"] and again.vocab.per_modality == first.vocab.per_modality
     np.testing.assert_allclose(again.embed(data, device="cpu", precision="fp32"), emb, atol=1e-6)
     plain = MultiOmicModel.new(data, d_model=16, n_layers=1, n_heads=2, n_hvg=None)

@@ -29,6 +29,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "sccello": ("scforge.models.sccello", "ScCello"),
     "scgpt-perturb": ("scforge.tasks.perturb", "PerturbationModel"),
     "scgpt-integration": ("scforge.tasks.integrate", "IntegrationModel"),
+    "scgpt-multiomic": ("scforge.tasks.multiomic", "MultiOmicModel"),
 }
 
 

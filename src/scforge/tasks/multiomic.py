@@ -655,6 +655,8 @@ class MultiOmicModel:
                    atac_values=cfg.get("atac_values", "binary"), batch_key=cfg.get("batch_key"),
                    batches=cfg.get("batches"), source=str(path))
 
+    from_folder = load  # what scforge.load() calls for this family
+
 
 def _batch_categories(data: MultiOmicData, batch_key: str) -> list[str]:
     if batch_key not in data.obs:
