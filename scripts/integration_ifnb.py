@@ -4,12 +4,13 @@ Harmony, scored with scib-metrics on the labelled cells; a results table and UMA
 
     .venv/bin/python scripts/integration_ifnb.py --n-hvg 400 --epochs 5
 
-Writes benchmarks/_work/integration_ifnb/{results.csv,results.md,umap.png,embeddings.npz}.
+Writes benchmarks/_work/integration_ifnb/{results.csv,results.md,history.json,umap.png} (--out changes the folder).
 """
 
 from __future__ import annotations
 
 import argparse
+import textwrap
 import json
 import time
 from pathlib import Path
@@ -62,7 +63,7 @@ def umaps(adata, keys, path: Path) -> None:
         sc.tl.umap(view, random_state=0)
         for i, color in enumerate(("seurat_annotations", "stim")):
             sc.pl.umap(view, color=color, ax=axes[i, j], show=False, legend_loc=None if j < len(keys) - 1 else
-                       "right margin", frameon=False, title=f"{key}\n{color}" if i == 0 else color, size=8)
+                       "right margin", frameon=False, title="\n".join(textwrap.wrap(key, 28)) if i == 0 else color, size=8)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
 
@@ -75,8 +76,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-ablation", action="store_true")
+    ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
-    OUT.mkdir(parents=True, exist_ok=True)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
     adata = ad.read_h5ad(DATA)
     seconds: dict[str, float] = {}
     default = scforge.load("default")
@@ -104,17 +107,19 @@ def main() -> None:
     table = evaluate_integration(adata, keys, "seurat_annotations", "stim", seed=args.seed)
     table = table.rename(index={"pca": "HVG+PCA, unintegrated", "harmony": "Harmony (on HVG+PCA)"})
     print(table[COLUMNS].round(3).to_string())
-    table.to_csv(OUT / "results.csv")
-    command = ("scripts/integration_ifnb.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in recipe.items()))
-    (OUT / "results.md").write_text(f"`.venv/bin/python {command}`\n\n" + markdown(table, seconds) + "\n")
-    (OUT / "history.json").write_text(json.dumps({"args": vars(args), "history": history, "seconds": seconds},
+    table.to_csv(out / "results.csv")
+    command = ("scripts/integration_ifnb.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in recipe.items())
+               + (" --skip-ablation" if args.skip_ablation else ""))
+    (out / "results.md").write_text(f"`.venv/bin/python {command}`\n\n" + markdown(table, seconds) + "\n")
+    args_text = {k: str(v) for k, v in vars(args).items()}
+    (out / "history.json").write_text(json.dumps({"args": args_text, "history": history, "seconds": seconds},
                                                  indent=1))
     from scforge.baselines import harmony_integrate, hvg_pca
 
     adata.obsm["HVG+PCA"] = hvg_pca(adata, n_top_genes=2000, n_comps=50, seed=args.seed)
     adata.obsm["Harmony"] = harmony_integrate(adata.obsm["HVG+PCA"], adata.obs["stim"].astype(str), seed=args.seed)
-    umaps(adata, ["HVG+PCA", "Harmony"] + keys, OUT / "umap.png")
-    print(f"evaluation {time.perf_counter() - t0:.0f} s; wrote {OUT}")
+    umaps(adata, ["HVG+PCA", "Harmony"] + keys, out / "umap.png")
+    print(f"evaluation {time.perf_counter() - t0:.0f} s; wrote {out}")
 
 
 if __name__ == "__main__":
