@@ -96,6 +96,22 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_shard(args: argparse.Namespace) -> int:
+    from scforge.data.shards import write_shards
+
+    data = Path(args.data)
+    if not data.is_file() or data.suffix != ".h5ad":
+        raise ScforgeError(f"Data file {args.data!r} not found or not an .h5ad file (shards are written from a file, "
+                           "read backed chunk by chunk).")
+    tok = _make_tokenizer(args.model, args.vocab, args)
+    shards = write_shards(tok, data, args.out, shard_cells=args.shard_cells, layer=args.layer, gene_col=args.gene_col,
+                          use_raw=args.use_raw, overwrite=args.overwrite, progress=args.progress)
+    print(json.dumps({"written": str(shards.path), "n_cells": shards.n_cells, "n_shards": shards.n_shards,
+                      "n_tokens": int(shards.manifest["n_tokens"]), "tokenizer": shards.manifest["tokenizer"]},
+                     indent=2, default=str))
+    return 0
+
+
 def _h5ad_in_out(args: argparse.Namespace) -> tuple[Path, Path]:
     """The input .h5ad and a new output .h5ad path (never the input; replaced only with --overwrite)."""
     data, out = Path(args.data), Path(args.out)
@@ -474,6 +490,22 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--n-jobs", type=int, default=None, help="threads (default: all cores, at most 8)")
     tok.add_argument("--progress", action="store_true", help="show a progress bar")
     tok.set_defaults(func=_cmd_tokenize)
+
+    shard = sub.add_parser("shard", help="tokenize an .h5ad once into memory-mapped shards for repeated epochs")
+    _add_data_args(shard)
+    shard.add_argument("--model", required=True, choices=MODELS)
+    shard.add_argument("--vocab", default=None, help="vocabulary / dictionaries / gene panel (see genes coverage)")
+    shard.add_argument("--out", required=True, help="the shard folder to write")
+    shard.add_argument("--shard-cells", type=int, default=100_000, help="cells per shard (default 100,000)")
+    shard.add_argument("--max-len", type=int, default=None, help="longest sequence (tokens, specials included)")
+    shard.add_argument("--n-bins", type=int, default=51, help="scGPT value bins (default 51)")
+    shard.add_argument("--include-zero-gene", action="store_true", help="scGPT: emit zero-expression genes too")
+    shard.add_argument("--seed", type=int, default=0)
+    shard.add_argument("--chunk-size", type=int, default=2048)
+    shard.add_argument("--n-jobs", type=int, default=None, help="threads (default: all cores, at most 8)")
+    shard.add_argument("--overwrite", action="store_true", help="replace an existing shard folder")
+    shard.add_argument("--progress", action="store_true", help="show a progress bar")
+    shard.set_defaults(func=_cmd_shard)
 
     emb = sub.add_parser("embed", help="cell embeddings from a model folder, written to a new .h5ad")
     emb.add_argument("data", help="an .h5ad file (it is not modified)")
