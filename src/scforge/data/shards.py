@@ -194,7 +194,9 @@ class TokenShards:
         return self._shards[i]
 
     def cells(self, indices: Sequence[int] | np.ndarray) -> TokenizedCells:
-        """The cells at global ``indices`` (any order), copied into memory."""
+        """The cells at global ``indices`` (any order), copied into memory. A contiguous run of cells
+        within a shard is read with plain file reads (the pages stay in the OS cache, not in this
+        process's memory, so streaming an epoch keeps memory flat)."""
         idx = np.asarray(indices, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= self.n_cells):
             raise ConfigError(f"cell indices must lie in 0..{self.n_cells - 1}")
@@ -202,12 +204,30 @@ class TokenShards:
         parts, order = [], []
         for s in np.unique(which):
             mine = np.flatnonzero(which == s)
-            parts.append(self._shards[s].select(idx[mine] - self._starts[s]))
+            local = idx[mine] - self._starts[s]
+            if local.size and np.array_equal(local, np.arange(local[0], local[0] + local.size)):
+                parts.append(self._read_range(int(s), int(local[0]), int(local[0]) + local.size))
+            else:
+                parts.append(self._shards[s].select(local))
             order.append(mine)
         if not parts:
             return self._shards[0].select(np.zeros(0, dtype=np.int64))
         joined = TokenizedCells.concat(parts)
         return joined.select(np.argsort(np.concatenate(order), kind="stable"))
+
+    def _read_range(self, s: int, lo: int, hi: int) -> TokenizedCells:
+        entry, shard = self.manifest["shards"][s], self._shards[s]
+        stem = self.path / entry["name"]
+        offsets = np.fromfile(f"{stem}.offsets", dtype=_DTYPES["offsets"], count=hi - lo + 1, offset=8 * lo)
+        t0, t1 = int(offsets[0]), int(offsets[-1])
+
+        def read(kind: str) -> np.ndarray | None:
+            if kind not in entry["bytes"]:
+                return None
+            return np.fromfile(f"{stem}.{kind}", dtype=_DTYPES[kind], count=t1 - t0, offset=4 * t0)
+
+        return TokenizedCells(offsets=offsets - t0, gene_ids=read("genes"), values=read("values"),
+                              obs_names=np.asarray(shard.obs_names[lo:hi]), meta=shard.meta)
 
     def to_tokenized(self) -> TokenizedCells:
         """Every cell in one in-memory :class:`TokenizedCells`."""
@@ -243,7 +263,7 @@ def _open_shard(path: Path, entry: dict[str, Any], meta: dict[str, Any]) -> Toke
         arrays[kind] = np.memmap(file, dtype=_DTYPES[kind], mode="r", shape=(expected[kind] // 8 if kind == "offsets"
                                                                                else entry["n_tokens"],))
     try:
-        obs = np.load(path / f"{entry['name']}.obs.npy", allow_pickle=False)
+        obs = np.load(path / f"{entry['name']}.obs.npy", allow_pickle=False, mmap_mode="r")
     except (OSError, ValueError) as exc:
         raise ShardError(f"{path / (entry['name'] + '.obs.npy')} cannot be read ({exc}). Re-shard the data.") from None
     if obs.shape[0] != entry["n_cells"]:
