@@ -104,7 +104,16 @@ def worker(kind: str, path: str) -> dict:
                 break
     seconds = time.perf_counter() - start
     return {"cells": n, "seconds": seconds, "cells_per_s": n / seconds, "setup_s": start - t0,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory: VmHWM (ru_maxrss would carry the parent's peak across exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure(kind: str, path: Path) -> dict:
@@ -120,6 +129,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=None, help="runs of each kind (default 1 with --quick, else 2)")
     ap.add_argument("--worker", choices=["h5ad", "shards", "annloader"])
     ap.add_argument("--path")
+    ap.add_argument("--reuse-shards", action="store_true", help="keep shard folders from an earlier run")
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.path)))
@@ -132,7 +142,8 @@ def main() -> None:
         h5ad = replicated(n)
         shard_dir = WORK / f"shards_{n}"
         t0 = time.perf_counter()
-        write_shards(tokenizer(), h5ad, shard_dir, shard_cells=100_000, overwrite=True)
+        if not (args.reuse_shards and (shard_dir / "manifest.json").is_file()):
+            write_shards(tokenizer(), h5ad, shard_dir, shard_cells=100_000, overwrite=True)
         write_s = time.perf_counter() - t0
         runs: dict[str, list[dict]] = {"h5ad": [], "shards": [], "annloader": []}
         for rep in range(args.reps or (1 if args.quick else 2)):
