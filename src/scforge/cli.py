@@ -71,6 +71,19 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--species", default="auto", choices=["auto", "human", "mouse"])
 
 
+def _add_tokenizer_args(p: argparse.ArgumentParser) -> None:
+    """The model family and tokenizer settings shared by ``tokenize`` and ``shard``."""
+    p.add_argument("--model", required=True, choices=MODELS)
+    p.add_argument("--vocab", default=None, help="vocabulary / dictionaries / gene panel (see genes coverage)")
+    p.add_argument("--max-len", type=int, default=None, help="longest sequence (tokens, specials included)")
+    p.add_argument("--n-bins", type=int, default=51, help="scGPT value bins (default 51)")
+    p.add_argument("--include-zero-gene", action="store_true", help="scGPT: emit zero-expression genes too")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chunk-size", type=int, default=2048)
+    p.add_argument("--n-jobs", type=int, default=None, help="threads (default: all cores, at most 8)")
+    p.add_argument("--progress", action="store_true", help="show a progress bar")
+
+
 def _cmd_coverage(args: argparse.Namespace) -> int:
     from scforge.genes import builtin, gene_coverage
 
@@ -479,32 +492,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     tok = sub.add_parser("tokenize", help="tokenize a dataset for a model family")
     _add_data_args(tok)
-    tok.add_argument("--model", required=True, choices=MODELS)
-    tok.add_argument("--vocab", default=None, help="vocabulary / dictionaries / gene panel (see genes coverage)")
+    _add_tokenizer_args(tok)
     tok.add_argument("--out", default=None, help="write the tokens to this .npz file")
-    tok.add_argument("--max-len", type=int, default=None, help="longest sequence (tokens, specials included)")
-    tok.add_argument("--n-bins", type=int, default=51, help="scGPT value bins (default 51)")
-    tok.add_argument("--include-zero-gene", action="store_true", help="scGPT: emit zero-expression genes too")
-    tok.add_argument("--seed", type=int, default=0)
-    tok.add_argument("--chunk-size", type=int, default=2048)
-    tok.add_argument("--n-jobs", type=int, default=None, help="threads (default: all cores, at most 8)")
-    tok.add_argument("--progress", action="store_true", help="show a progress bar")
     tok.set_defaults(func=_cmd_tokenize)
 
     shard = sub.add_parser("shard", help="tokenize an .h5ad once into memory-mapped shards for repeated epochs")
     _add_data_args(shard)
-    shard.add_argument("--model", required=True, choices=MODELS)
-    shard.add_argument("--vocab", default=None, help="vocabulary / dictionaries / gene panel (see genes coverage)")
+    _add_tokenizer_args(shard)
     shard.add_argument("--out", required=True, help="the shard folder to write")
     shard.add_argument("--shard-cells", type=int, default=100_000, help="cells per shard (default 100,000)")
-    shard.add_argument("--max-len", type=int, default=None, help="longest sequence (tokens, specials included)")
-    shard.add_argument("--n-bins", type=int, default=51, help="scGPT value bins (default 51)")
-    shard.add_argument("--include-zero-gene", action="store_true", help="scGPT: emit zero-expression genes too")
-    shard.add_argument("--seed", type=int, default=0)
-    shard.add_argument("--chunk-size", type=int, default=2048)
-    shard.add_argument("--n-jobs", type=int, default=None, help="threads (default: all cores, at most 8)")
     shard.add_argument("--overwrite", action="store_true", help="replace an existing shard folder")
-    shard.add_argument("--progress", action="store_true", help="show a progress bar")
     shard.set_defaults(func=_cmd_shard)
 
     emb = sub.add_parser("embed", help="cell embeddings from a model folder, written to a new .h5ad")
