@@ -119,13 +119,13 @@ def integration_genes(model: Any, adata: Any, batch_key: str | None, *, n_hvg: i
     ``min_counts`` counts in total, the ``n_hvg`` most variable (seurat_v3 on raw counts, ranked
     across batches by ``batch_key``), in the data's order. Fewer genes left than ``n_hvg``: all of them."""
     from scforge.genes import align_genes
-    from scforge.matrix import as_source
+    from scforge.matrix import as_source, column_sums
     from scforge.tokenize.hvg import select_hvg
 
     source = as_source(adata, layer=layer)
     names = np.asarray(source.gene_names(None)).astype(str)
     ids = np.asarray(align_genes(list(names), model.vocab).token_ids)
-    totals = np.asarray(source.matrix.sum(axis=0)).ravel()
+    totals = column_sums(source)
     keep = (ids >= 0) & (totals >= min_counts)
     # one data column per token (the first), as the tokenizer keeps
     _, first = np.unique(np.where(keep, ids, -1), return_index=True)
@@ -165,17 +165,14 @@ def _detected_in_every_batch(matrix: Any, adata: Any, batch_key: str | None) -> 
 
 
 def _check_counts(adata: Any, layer: str | None) -> None:
-    from scforge.matrix import as_source, iter_row_chunks, looks_like_counts
+    """The recipe normalises, log-transforms and selects HVGs itself: it starts from raw counts."""
+    from scforge.matrix import as_source, iter_row_chunks, require_counts
 
     source = as_source(adata, layer=layer)
     first = next(iter(iter_row_chunks(source, 2048)), None)
     if first is None:
         raise InputDataError(f"{source.where} has no cells.")
-    csr = first[2] if isinstance(first, tuple) else first
-    if csr.nnz and not looks_like_counts(csr):
-        raise InputDataError(f"integration fine-tuning starts from raw counts (it normalises, log-transforms and "
-                             f"selects HVGs itself), but {source.where}" + (f" layer {layer!r}" if layer else "")
-                             + f" holds non-integer values (max {float(csr.data.max()):.3g}). Pass the counts layer.")
+    require_counts(first[2], f"integration fine-tuning input {source.where}" + (f" layer {layer!r}" if layer else ""))
 
 
 # ---- the fine-tuned model ----------------------------------------------------------------------
@@ -321,8 +318,7 @@ def _integration_copy(model: Any, n_batches: int, n_genes: int, s: IntegrationSe
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         module = ScGPTModel(config)
-    state = {k: v for k, v in model.module.state_dict().items()}
-    report = load_state_into(module, state, source=str(getattr(model, "source", None) or "the model"))
+    report = load_state_into(module, model.module.state_dict(), source=str(getattr(model, "source", None) or "the model"))
     if report.mismatched:  # e.g. decoder.fc.0 is twice as wide with batch embeddings, as in the reference
         logger.info("integration copy: %d tensors re-initialised (new shape): %s", len(report.mismatched),
                     [k for k, *_ in report.mismatched][:6])
