@@ -37,9 +37,13 @@ class ExpressionSource:
     where: str
     h5_obs: Any = None  # the obs group of an .h5ad opened by path (read lazily)
     _columns: dict = field(default_factory=dict, repr=False, compare=False)
+    names_reader: Any = None  # (lo, hi) -> cell names, when they are read another way (e.g. a fresh handle)
+    column_reader: Any = None  # key -> an obs column or None, likewise
 
     def obs_names_range(self, lo: int, hi: int) -> np.ndarray:
         """Names of cells ``lo..hi-1``."""
+        if self.names_reader is not None:
+            return self.names_reader(lo, hi)
         if self.obs is not None:
             return np.asarray(self.obs.index[lo:hi])
         if self.h5_obs is not None:
@@ -54,6 +58,8 @@ class ExpressionSource:
         return self._columns[key]
 
     def _read_obs_column(self, key: str) -> np.ndarray | None:
+        if self.column_reader is not None:
+            return self.column_reader(key)
         if self.obs is not None:
             return np.asarray(self.obs[key]) if key in self.obs.columns else None
         if self.h5_obs is not None and key in self.h5_obs and key != self.h5_obs.attrs["_index"]:

@@ -1,7 +1,8 @@
 """Streaming tokenized cells from data that does not fit in memory, with block shuffling.
 
 :class:`CellStream` is a torch ``IterableDataset`` over one or many sources: ``.h5ad`` files (read
-backed), AnnData zarr stores, AnnData objects, or pre-tokenized shards (:mod:`scforge.data.shards`).
+backed), AnnData zarr stores, TileDB-SOMA experiments (:mod:`scforge.data.soma`), AnnData objects, or
+pre-tokenized shards (:mod:`scforge.data.shards`).
 Every epoch it
 
 1. cuts each source into contiguous blocks of ``block_size`` cells (reading a block is one
@@ -61,6 +62,86 @@ def _open_zarr(path: Path, layer: str | None) -> Any:
     return ExpressionSource(matrix=matrix, var=read_elem(group["var"]), obs=obs, where=f"{path.name}:X")
 
 
+class _H5adRows:
+    """Rows of an ``.h5ad`` matrix read through a fresh HDF5 handle per block.
+
+    A handle kept open caches the file's metadata: if another process appends cells (possible where
+    HDF5 file locking is off, as on many network disks), reads through it can fail or return garbage.
+    A new handle per block sees the file as it is, and the rows a run started with never change on an
+    append. The shape is the one at opening: cells appended later are not part of the run. A block
+    that cannot be read (the writer is mid-write) is retried, then reported."""
+
+    def __init__(self, path: Path, element: str, shape: tuple[int, int]) -> None:
+        self.path, self.element, self.shape = path, element, shape
+
+    def __getitem__(self, rows: slice) -> Any:
+        from anndata.io import sparse_dataset
+
+        def read(f):
+            element = f[self.element]
+            return element[rows] if hasattr(element, "shape") else sparse_dataset(element)[rows]
+
+        return self._with_file(read, rows.start, rows.stop)
+
+    def names(self, lo: int, hi: int) -> np.ndarray:
+        def read(f):
+            names = f["obs"][f["obs"].attrs["_index"]]
+            return np.asarray(names.asstr()[lo:hi] if names.dtype.kind in "OS" else names[lo:hi]).astype(object)
+
+        return self._with_file(read, lo, hi)
+
+    def column(self, key: str) -> np.ndarray | None:
+        from anndata.io import read_elem
+
+        def read(f):
+            obs = f["obs"]
+            return np.asarray(read_elem(obs[key])) if key in obs and key != obs.attrs["_index"] else None
+
+        return self._with_file(read, 0, self.shape[0])
+
+    def _with_file(self, read: Any, lo: int, hi: int) -> Any:
+        import time
+
+        import h5py
+
+        for attempt in range(5):
+            try:
+                with h5py.File(self.path, "r") as f:
+                    return read(f)
+            except (OSError, KeyError) as exc:
+                if attempt == 4:
+                    raise InputDataError(f"cells {lo}..{hi} of {self.path} could not be read ({exc}); was the file "
+                                         "being rewritten? Keep files fixed while a run reads them, or write new cells "
+                                         "to a new file and add it as another source.") from None
+                time.sleep(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+
+def _h5ad_source(path: Path, layer: str | None) -> Any:
+    import dataclasses
+
+    from scforge.matrix import as_source
+
+    source = as_source(path, layer=layer)
+    rows = _H5adRows(path, "X" if layer is None else f"layers/{layer}", (source.n_obs, source.n_vars))
+    # HDF5 shares one file object between the handles a process has open on a file, stale metadata
+    # included: the opening handle is closed so that every read sees the file as it is
+    source.h5_obs.file.close()
+    return dataclasses.replace(source, matrix=rows, h5_obs=None, names_reader=rows.names, column_reader=rows.column)
+
+
+def expression_source(path: str | os.PathLike, layer: str | None = None, gene_col: str | None = None) -> Any:
+    """The :class:`~scforge.matrix.ExpressionSource` of an ``.h5ad`` file (read backed), an AnnData
+    zarr store or a TileDB-SOMA experiment (``layer``: its X layer, ``"raw"`` by default; ``gene_col``:
+    its var column of gene ids when var has no ``var_id``)."""
+    from scforge.data.soma import is_soma_experiment, soma_source
+
+    path = Path(path)
+    if path.is_dir() and is_soma_experiment(path):
+        return soma_source(path, layer=layer or "raw", gene_col=gene_col)
+    return _open_zarr(path, layer) if path.is_dir() else _h5ad_source(path, layer)
+
+
 def _open_source(spec: Any, tokenizer: Any, layer: str | None, gene_col: str | None, i: int) -> _Source:
     from scforge.data.shards import TokenShards
     from scforge.matrix import as_source
@@ -72,12 +153,11 @@ def _open_source(spec: Any, tokenizer: Any, layer: str | None, gene_col: str | N
     if isinstance(spec, (str, os.PathLike)):
         path = Path(spec)
         if not path.exists():
-            raise InputDataError(f"source {i} ({path}) does not exist; give .h5ad files, .zarr stores or shard "
-                                 "folders.")
+            raise InputDataError(f"source {i} ({path}) does not exist; give .h5ad files, .zarr stores, TileDB-SOMA "
+                                 "experiments or shard folders.")
         if (path / "manifest.json").is_file():
             return _open_source(TokenShards.open(path, tokenizer=tokenizer), None, layer, gene_col, i)
-        expression = _open_zarr(path, layer) if path.is_dir() else as_source(path, layer=layer)
-        name = str(path)
+        expression, name = expression_source(path, layer, gene_col), str(path)
     else:
         expression, name = as_source(spec, layer=layer), f"source {i} ({type(spec).__name__})"
     if tokenizer is None:
@@ -92,7 +172,8 @@ class CellStream(torch.utils.data.IterableDataset):
     def __init__(self, sources: Sequence[Any] | Any, tokenizer: Any = None, *, batch_size: int = 32,
                  block_size: int = 256, buffer_blocks: int = 16, shuffle: bool = True, seed: int = 0,
                  layer: str | None = None, gene_col: str | None = None, rank: int | None = None,
-                 world_size: int | None = None, drop_last: bool = False) -> None:
+                 world_size: int | None = None, drop_last: bool = False, even_batches: bool = False,
+                 loader_workers: int = 0) -> None:
         super().__init__()
         for name, value in (("batch_size", batch_size), ("block_size", block_size), ("buffer_blocks", buffer_blocks)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -106,6 +187,7 @@ class CellStream(torch.utils.data.IterableDataset):
         self.offsets = np.concatenate([[0], np.cumsum([s.n_obs for s in self.sources])]).astype(np.int64)
         self.batch_size, self.block_size, self.buffer_blocks = int(batch_size), int(block_size), int(buffer_blocks)
         self.shuffle, self.seed, self.drop_last = shuffle, int(seed), drop_last
+        self.even_batches, self.loader_workers = even_batches, int(loader_workers)
         self._rank, self._world = rank, world_size
         self.epoch = 0
         self._skip = 0  # minibatches of this epoch already consumed (resume), per consumer
@@ -124,11 +206,19 @@ class CellStream(torch.utils.data.IterableDataset):
             self._skip = 0
         self.epoch = int(epoch)
 
+    def set_distributed(self, rank: int, world_size: int, loader_workers: int = 0) -> None:
+        """Read as DDP rank ``rank`` of ``world_size`` with ``loader_workers`` DataLoader workers
+        (what a trainer calls; otherwise ``torch.distributed`` and the worker info are asked)."""
+        self._rank, self._world, self.loader_workers = int(rank), int(world_size), int(loader_workers)
+
     def state_dict(self) -> dict[str, int]:
-        """Epoch and minibatches consumed (of this consumer) so far, for :meth:`load_state_dict`."""
+        """Epoch and minibatches consumed so far (when iterated in this process), for :meth:`load_state_dict`."""
         return {"epoch": self.epoch, "consumed": getattr(self, "_yielded", 0)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume after ``state["consumed"]`` minibatches of ``state["epoch"]`` delivered to this rank. With
+        DataLoader workers this is the rank's count (what the training loop saw): the workers' batches
+        arrive in turn, so each worker works out its own share."""
         self.epoch, self._skip = int(state["epoch"]), int(state["consumed"])
 
     # ---- partitioning ------------------------------------------------------------------------
@@ -145,6 +235,65 @@ class CellStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         return rank * workers + worker, world * workers
+
+    def _groups(self, mine: list[tuple[int, int, int]]) -> list[tuple[list[tuple[int, int, int]], int]]:
+        """A consumer's buffers and the number of minibatches each yields."""
+        out = []
+        for g in range(0, len(mine), self.buffer_blocks):
+            group = mine[g : g + self.buffer_blocks]
+            n = sum(hi - lo for _, lo, hi in group)
+            out.append((group, n // self.batch_size if self.drop_last else -(-n // self.batch_size)))
+        return out
+
+    def _counts(self, blocks: list[tuple[int, int, int]], count: int) -> list[int]:
+        """Minibatches of each of ``count`` consumers in an epoch whose block order is ``blocks``."""
+        return [sum(n for _, n in self._groups(blocks[c::count])) for c in range(count)]
+
+    def _rank_shape(self) -> tuple[int, int, int]:
+        """``(rank, world, workers)`` as seen from this process."""
+        rank, world = self._distributed()
+        info = torch.utils.data.get_worker_info()
+        workers = info.num_workers if info is not None else max(1, self.loader_workers)
+        return rank, world, workers
+
+    def _plan_epoch(self) -> tuple[list[tuple[int, int, int]], list[int], list[int]]:
+        """The epoch's blocks; minibatches per consumer; minibatches per consumer after padding (with
+        ``even_batches`` each rank gets as many as the fullest rank, by repeating its own first ones)."""
+        rank, world, workers = self._rank_shape()
+        blocks = self.blocks()
+        counts = self._counts(blocks, world * workers)
+        target = list(counts)
+        if self.even_batches and world > 1:
+            per_rank = [sum(counts[r * workers : (r + 1) * workers]) for r in range(world)]
+            for r in range(world):
+                extra = max(per_rank) - per_rank[r]
+                for w in range(workers):
+                    target[r * workers + w] += extra // workers + (w < extra % workers)
+        return blocks, counts, target
+
+    def __len__(self) -> int:
+        """Minibatches this rank delivers in the current epoch (over all its DataLoader workers)."""
+        rank, _, workers = self._rank_shape()
+        return sum(self._plan_epoch()[2][rank * workers : (rank + 1) * workers])
+
+    @staticmethod
+    def _resume_turns(consumed: int, per_worker: list[int]) -> tuple[list[int], int]:
+        """Replay a DataLoader taking one minibatch from each worker still running, in turn: how many
+        of the first ``consumed`` came from each worker, and whose turn is next."""
+        taken = [0] * len(per_worker)
+        active = [w for w in range(len(per_worker)) if per_worker[w] > 0]
+        turn = 0
+        while consumed > 0 and active:
+            w = active[turn % len(active)]
+            taken[w] += 1
+            consumed -= 1
+            if taken[w] == per_worker[w]:
+                active.remove(w)
+            else:
+                turn += 1
+            turn %= max(len(active), 1)
+        following = active[turn % len(active)] if active else 0
+        return taken, following
 
     def blocks(self) -> list[tuple[int, int, int]]:
         """All ``(source, lo, hi)`` blocks of the epoch, in the epoch's order."""
@@ -181,14 +330,33 @@ class CellStream(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         me, count = self.consumer()
-        mine = self.blocks()[me::count]
+        blocks, counts, target = self._plan_epoch()
         skip, self._skip = self._skip, 0
+        info = torch.utils.data.get_worker_info()
+        if info is not None and info.num_workers > 1 and skip:
+            # a restarted DataLoader asks worker 0 first: the workers take over the roles rotated so
+            # that worker 0 plays the one whose turn was next, and the rank's order goes on unchanged
+            first, n = me - info.id, info.num_workers
+            taken, following = self._resume_turns(skip, target[first : first + n])
+            role = (following + info.id) % n
+            me, skip = first + role, taken[role]
         self._yielded = 0
-        for g in range(0, len(mine), self.buffer_blocks):
-            group = mine[g : g + self.buffer_blocks]
-            n = sum(hi - lo for _, lo, hi in group)
-            n_batches = n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-            if self._yielded + n_batches <= skip:  # resumed past this buffer: not even read
+        mine = blocks[me::count]
+        yield from self._batches(self._groups(mine), me, skip, counts[me])
+        if target[me] > counts[me]:  # padding to the fullest rank: this consumer's (or the epoch's) first batches
+            groups = self._groups(mine or blocks)
+            yield from self._batches(groups, me, skip - counts[me], target[me] - counts[me])
+
+    def _batches(self, groups: list[tuple[list[tuple[int, int, int]], int]], me: int, skip: int,
+                 limit: int) -> Iterator[dict[str, Any]]:
+        """Up to ``limit`` minibatches of these buffers, the first ``skip`` not yielded (nor read, when
+        a whole buffer is skipped)."""
+        done = 0
+        for g, (group, n_batches) in enumerate(groups):
+            if done >= limit:
+                return
+            if done + n_batches <= skip:  # resumed past this buffer: not even read
+                done += n_batches
                 self._yielded += n_batches
                 continue
             read = self._read_all(group)
@@ -196,12 +364,14 @@ class CellStream(torch.utils.data.IterableDataset):
             tokens = TokenizedCells.concat([t for _, t in read])
             order = np.arange(cells.size)
             if self.shuffle:
-                order = np.random.default_rng(batch_seed(self.seed, self.epoch, me, g)).permutation(cells.size)
-            for start in range(0, order.size, self.batch_size):
+                order = np.random.default_rng(batch_seed(self.seed, self.epoch, me, g * self.buffer_blocks)
+                                              ).permutation(cells.size)
+            for start in range(0, n_batches * self.batch_size, self.batch_size):
+                if done >= limit:
+                    return
                 pick = order[start : start + self.batch_size]
-                if self.drop_last and pick.size < self.batch_size:
-                    break
+                done += 1
                 self._yielded += 1
-                if self._yielded <= skip:
+                if done <= skip:
                     continue
-                yield {"cells": cells[pick], "tokens": tokens.select(pick)}
+                yield {"cells": cells[pick], "tokens": tokens.select(pick), "epoch": self.epoch}
