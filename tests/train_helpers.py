@@ -66,8 +66,14 @@ def main() -> None:  # pragma: no cover - run in subprocesses by the tests
     parser.add_argument("--resume", default=None)
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--stream", default=None, help="an .h5ad to stream (fit_stream) instead of in-memory cells")
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--strategy", default=None, help="Lightning strategy (default: ddp with --devices > 1)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.stream:
+        return stream_main(args)
     from scforge.train import Objectives, TrainConfig, fit
 
     model, cells, labels, _ = tiny_problem(n_cells=64, max_len=48, n_cls=int(13))
@@ -90,6 +96,40 @@ def main() -> None:  # pragma: no cover - run in subprocesses by the tests
     state = final_state(result.module)
     torch.save(state, f"{args.out}.rank{rank}.pt")
     Path(f"{args.out}.rank{rank}.json").write_text(json.dumps({"seen": seen, "step": result.trainer.global_step}))
+
+
+def stream_main(args) -> None:  # pragma: no cover - run in subprocesses by the tests
+    """fit_stream on a streamed .h5ad; records the cells of every step per epoch."""
+    import lightning as L
+
+    from scforge.data.stream import CellStream
+    from scforge.genes.builtin import builtin_vocab
+    from scforge.models.scgpt import ScGPT
+    from scforge.tokenize import BinnedTokenizer
+    from scforge.train import Corruption, Objectives, TrainConfig, fit_stream
+
+    vocab = builtin_vocab("scgpt-human")
+    stream = CellStream(args.stream, BinnedTokenizer(vocab, max_len=48, seed=0, cls_value=0.0), batch_size=8,
+                        block_size=16, buffer_blocks=2, seed=4)
+    torch.manual_seed(0)
+    model = ScGPT.new(vocab, d_model=32, n_heads=4, d_hid=48, n_layers=2, dropout=0.1)
+    seen: dict[int, list[int]] = {}
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.setdefault(trainer.current_epoch, []).extend(batch["cells"].tolist())
+
+    callbacks = [Record()] + ([KillAtStep(args.kill_at)()] if args.kill_at else [])
+    cfg = TrainConfig(max_epochs=args.epochs, max_steps=args.steps, val_fraction=0.0, progress=False,
+                      checkpoint_dir=args.ckpt, checkpoint_every=2, seed=3, devices=args.devices, accelerator="cpu",
+                      strategy=args.strategy or ("ddp" if args.devices > 1 else "auto"), extra_callbacks=callbacks)
+    result = fit_stream(model.module, stream, objectives=Objectives(gep=True, mvc=True),
+                        corruption=Corruption("mask", 0.4), config=cfg, num_workers=args.workers,
+                        resume_from=args.resume)
+    rank = result.trainer.global_rank
+    torch.save(final_state(result.module), f"{args.out}.rank{rank}.pt")
+    Path(f"{args.out}.rank{rank}.json").write_text(json.dumps({"seen": seen, "step": result.trainer.global_step,
+                                                               "world": result.trainer.world_size}))
 
 
 if __name__ == "__main__":

@@ -1,15 +1,32 @@
-"""Training engine on Lightning: any family's module (``fit_module``), scGPT objectives (``fit``), seeded
-resumable data, atomic checkpoints, DDP."""
+"""Training engine on Lightning: any family's module (``fit_module``), scGPT objectives (``fit``), streamed
+data (``fit_stream``), seeded resumable data, atomic checkpoints, DDP and FSDP.
 
-from scforge.train.data import CellCollator, Corruption, EpochBatchSampler, batch_seed, make_loader
-from scforge.train.engine import (AtomicCheckpointIO, FitResult, IndexDataModule, TrainConfig, fit, fit_module,
-                                  split_indices)
-from scforge.train.module import OptimConfig, ScGPTTrainingModule, TrainingModule, lr_factor
-from scforge.train.objectives import Objectives, masked_bernoulli_nll, masked_mse, objective_losses
+Names are imported on first use, so that ``scforge.train.data`` (used by the data streams, also in
+DataLoader worker processes) does not pull in Lightning."""
 
-__all__ = [
-    "AtomicCheckpointIO", "CellCollator", "Corruption", "EpochBatchSampler", "FitResult", "IndexDataModule",
-    "Objectives", "OptimConfig", "ScGPTTrainingModule", "TrainConfig", "TrainingModule", "batch_seed", "fit",
-    "fit_module", "lr_factor", "make_loader", "masked_bernoulli_nll", "masked_mse", "objective_losses",
-    "split_indices",
-]
+from importlib import import_module
+from typing import Any
+
+_WHERE = {
+    "CellCollator": "data", "Corruption": "data", "EpochBatchSampler": "data", "batch_seed": "data",
+    "make_loader": "data",
+    "AtomicCheckpointIO": "engine", "FitResult": "engine", "IndexDataModule": "engine", "TrainConfig": "engine",
+    "fit": "engine", "fit_module": "engine", "split_indices": "engine",
+    "OptimConfig": "module", "ScGPTTrainingModule": "module", "TrainingModule": "module", "lr_factor": "module",
+    "Objectives": "objectives", "masked_bernoulli_nll": "objectives", "masked_mse": "objectives",
+    "objective_losses": "objectives",
+    "StreamCollator": "streaming", "StreamDataModule": "streaming", "fit_stream": "streaming",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'scforge.train' has no attribute {name!r}")
+    value = getattr(import_module(f"scforge.train.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -153,15 +153,19 @@ class CellCollator:
         return float(rng.choice(r)) if isinstance(r, tuple) else float(r)
 
     def __call__(self, items: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
-        epoch = items[0][0]
         idx = np.asarray([i for _, i in items], dtype=np.int64)
+        return self.collate(self.cells, idx, idx, items[0][0])
+
+    def collate(self, cells: TokenizedCells, rows: np.ndarray, idx: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
+        """Rows ``rows`` of ``cells``, which are the cells numbered ``idx`` (they seed the corruption and
+        pick labels), in epoch ``epoch``."""
         rng = np.random.default_rng(batch_seed(self.seed, epoch, int(idx[0]), idx.size))
-        offsets = self.cells.offsets
+        offsets = cells.offsets
         genes_list, values_list, target_list, predict_list, gen_list = [], [], [], [], []
-        for i in idx:
+        for i in rows:
             lo, hi = offsets[i], offsets[i + 1]
-            g = self.cells.gene_ids[lo:hi].astype(np.int64)
-            v = self.cells.values[lo:hi].astype(np.float32)
+            g = cells.gene_ids[lo:hi].astype(np.int64)
+            v = cells.values[lo:hi].astype(np.float32)
             predict = np.zeros(g.size, dtype=bool)
             gen = np.zeros(g.size, dtype=bool)
             n_genes = g.size - 1

@@ -53,8 +53,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 @dataclass
 class TrainConfig:
     """Trainer settings. ``precision="auto"``: bf16 mixed on GPUs and on CPUs with native bf16,
-    else fp32. ``checkpoint_every``: steps between checkpoints (None: each epoch). ``devices`` > 1
-    runs DDP (``strategy``)."""
+    else fp32. ``checkpoint_every``: steps between checkpoints (None: each epoch). ``devices`` > 1,
+    ``num_nodes`` > 1 or a launch by torchrun / SLURM runs DDP; ``strategy`` also takes Lightning's
+    names and objects (e.g. ``"fsdp"``)."""
 
     max_epochs: int = 10
     max_steps: int = -1
@@ -64,7 +65,8 @@ class TrainConfig:
     precision: str = "auto"
     accelerator: str = "auto"
     devices: int | str = 1
-    strategy: str = "auto"
+    num_nodes: int = 1
+    strategy: Any = "auto"
     val_fraction: float = 0.1
     early_stopping_patience: int | None = None
     checkpoint_dir: str | None = None
@@ -269,6 +271,25 @@ def fit_module(
     return _run(module, data, cfg, has_val=val_idx.size > 0, resume_from=resume_from)
 
 
+def _strategy(cfg: TrainConfig) -> Any:
+    """DDP that tolerates parameters a run does not use (scGPT's classifier head in pretraining, the
+    MVC decoder in annotation): without it, DDP stops at the first step."""
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    many = (isinstance(cfg.devices, int) and cfg.devices > 1) or cfg.num_nodes > 1 or launched
+    if cfg.strategy == "fsdp":  # FSDP2 through Lightning's ModelParallelStrategy: CPU (gloo) and GPU
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if not isinstance(cfg.devices, int):
+            raise ConfigError(f'strategy="fsdp" needs devices as a number of processes per node, got {cfg.devices!r}')
+        return ModelParallelStrategy(data_parallel_size=cfg.devices * cfg.num_nodes, tensor_parallel_size=1,
+                                     save_distributed_checkpoint=False)
+    if cfg.strategy == "ddp" or (cfg.strategy == "auto" and many):
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(find_unused_parameters=True)
+    return cfg.strategy
+
+
 def _run(module: TrainingModule, data: L.LightningDataModule, cfg: TrainConfig, *, has_val: bool,
          resume_from: str | os.PathLike | None) -> FitResult:
     ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
@@ -290,13 +311,14 @@ def _run(module: TrainingModule, data: L.LightningDataModule, cfg: TrainConfig, 
             loggers = L.pytorch.loggers.CSVLogger(cfg.log_dir, name="")
     trainer = L.Trainer(
         max_epochs=cfg.max_epochs, max_steps=cfg.max_steps, accelerator=cfg.accelerator, devices=cfg.devices,
-        strategy=cfg.strategy, precision=cfg.lightning_precision(), accumulate_grad_batches=cfg.accumulate,
+        num_nodes=cfg.num_nodes, strategy=_strategy(cfg), precision=cfg.lightning_precision(), accumulate_grad_batches=cfg.accumulate,
         gradient_clip_val=cfg.grad_clip, callbacks=callbacks, logger=loggers, enable_checkpointing=ckpt_dir is not None,
         enable_progress_bar=cfg.progress, enable_model_summary=False, deterministic=cfg.deterministic,
         use_distributed_sampler=False, log_every_n_steps=cfg.log_every_n_steps, plugins=[AtomicCheckpointIO()], num_sanity_val_steps=0,
         default_root_dir=str(ckpt_dir or cfg.log_dir or Path.cwd()),
     )
     trainer.fit(module, datamodule=data, ckpt_path=str(resume_from) if resume_from else None)
+    module.unshard_into_original()
     best = checkpoint_cb.best_model_path if checkpoint_cb is not None and has_val else None
     if best:
         from scforge.hub import safe_torch_load

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -128,13 +129,60 @@ class TrainingModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, total, self.optim))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    # ---- fully sharded data parallel (FSDP2, Lightning's ModelParallelStrategy) ----------------
+    def configure_model(self) -> None:
+        """Under ``TrainConfig(strategy="fsdp")``: shard a copy of the model over the data-parallel
+        ranks, one FSDP unit per transformer layer plus the rest. The caller's model is left whole and
+        gets the trained weights back at the end (:meth:`unshard_into_original`)."""
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is None or getattr(self, "_original_model", None) is not None:
+            return
+        import copy
+
+        from torch.distributed.fsdp import fully_shard
+
+        from scforge.nn import EncoderLayer
+
+        dp = mesh["data_parallel"]
+        self._original_model = self.model
+        self.model = copy.deepcopy(self.model)
+        for name, p in self.model.named_parameters():  # heads this run never trains: no optimizer state to shard
+            if any(name.startswith(prefix) for prefix in self.idle_heads()):
+                p.requires_grad_(False)
+        for layer in self.model.modules():
+            if isinstance(layer, EncoderLayer):
+                fully_shard(layer, mesh=dp)
+        fully_shard(self.model, mesh=dp)
+
+    def idle_heads(self) -> list[str]:
+        """Name prefixes of the parameters this module's losses never use (none by default)."""
+        return []
+
+    def unshard_into_original(self) -> None:
+        """After sharded training: gather the full weights (a collective: every rank calls it) into the
+        caller's model and train it no further as a sharded copy."""
+        original = getattr(self, "_original_model", None)
+        if original is None:
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+        original.load_state_dict(full)
+        self.model, self._original_model = original, None
+
     # ---- exact resume ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         name, keys, pos, has_gauss, gauss = np.random.get_state()
-        checkpoint["scforge_rng"] = {  # plain types and tensors only: loadable with weights_only=True
+        mine = {  # plain types and tensors only: loadable with weights_only=True
             "python": random.getstate(), "torch": torch.get_rng_state(),
             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
         }
+        checkpoint["scforge_rng"] = mine
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # one process writes the file: it carries every rank's generators (each rank's dropout differs)
+            ranks: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(ranks, mine)
+            checkpoint["scforge_rng_ranks"] = ranks
         checkpoint["scforge_data"] = {"epoch": int(self.current_epoch), "consumed": int(getattr(self, "_consumed", 0))}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -153,8 +201,12 @@ class TrainingModule(L.LightningModule):
             self._pending_rng = None
 
     def _sampler(self):
-        sampler = getattr(self.trainer.train_dataloader, "batch_sampler", None)
-        return sampler if sampler is not None and hasattr(sampler, "set_epoch") else None
+        """What sets the epoch and resumes mid-epoch: the batch sampler, or a cell stream."""
+        loader = self.trainer.train_dataloader
+        for obj in (getattr(loader, "batch_sampler", None), getattr(loader, "dataset", None)):
+            if obj is not None and hasattr(obj, "set_epoch") and hasattr(obj, "load_state_dict"):
+                return obj
+        return None
 
     def on_train_start(self) -> None:
         """On a resume, point the sampler at the saved epoch and skip the minibatches already used.
@@ -168,6 +220,9 @@ class TrainingModule(L.LightningModule):
         if state is None:
             return
         self._pending_rng = state.get("scforge_rng")
+        ranks = state.get("scforge_rng_ranks")
+        if ranks is not None and len(ranks) == self.trainer.world_size:
+            self._pending_rng = ranks[self.trainer.global_rank]
         data = state.get("scforge_data")
         if sampler is not None and data is not None and data["epoch"] == self.current_epoch and data["consumed"]:
             sampler.load_state_dict(data)
@@ -196,6 +251,12 @@ class ScGPTTrainingModule(TrainingModule):
         self.register_buffer("class_weights", None if cw is None else torch.tensor(cw, dtype=torch.float32),
                              persistent=False)
         self.save_hyperparameters({"objectives": asdict(objectives), "optim": asdict(self.optim)})
+
+    def idle_heads(self) -> list[str]:
+        o = self.objectives
+        heads = {"decoder.": o.gep or o.second_pass, "cls_decoder.": o.cls, "mvc_decoder.": o.mvc,
+                 "grad_reverse_discriminator.": bool(o.dar_weight)}
+        return [prefix for prefix, used in heads.items() if not used]
 
     def _check_model(self) -> None:
         c, o = self.model.config, self.objectives
