@@ -116,9 +116,23 @@ def _cmd_shard(args: argparse.Namespace) -> int:
     if not data.is_file() or data.suffix != ".h5ad":
         raise ScforgeError(f"Data file {args.data!r} not found or not an .h5ad file (shards are written from a file, "
                            "read backed chunk by chunk).")
-    tok = _make_tokenizer(args.model, args.vocab, args)
+    vocab = None
+    if args.for_pretraining:
+        from scforge.genes import builtin
+        from scforge.matrix import as_source
+        from scforge.tasks.pretrain import pretrain_tokenizer, vocab_from_genes
+
+        if args.model != "scgpt":
+            raise ScforgeError("--for-pretraining writes scGPT pretraining tokens: use it with --model scgpt.")
+        vocab = (builtin.resolve_vocab(args.vocab) if args.vocab else
+                 vocab_from_genes(list(as_source(data, layer=args.layer, use_raw=args.use_raw).gene_names(args.gene_col))))
+        tok = pretrain_tokenizer(vocab, args.max_len or 256, args.seed, n_jobs=args.n_jobs)
+    else:
+        tok = _make_tokenizer(args.model, args.vocab, args)
     shards = write_shards(tok, data, args.out, shard_cells=args.shard_cells, layer=args.layer, gene_col=args.gene_col,
                           use_raw=args.use_raw, overwrite=args.overwrite, progress=args.progress)
+    if vocab is not None:  # the model's vocabulary travels with the shards (scforge pretrain reads it)
+        vocab.save(Path(args.out) / "vocab.json")
     print(json.dumps({"written": str(shards.path), "n_cells": shards.n_cells, "n_shards": shards.n_shards,
                       "n_tokens": int(shards.manifest["n_tokens"]), "tokenizer": shards.manifest["tokenizer"]},
                      indent=2, default=str))
@@ -194,19 +208,37 @@ def _check_out_folder(out: str, overwrite: bool) -> None:
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from scforge.tasks.pretrain import pretrain
 
-    data = _read_data(args.data)
     _check_out_folder(args.out, args.overwrite)
-    result = pretrain(
-        data, layer=args.layer, d_model=args.width, n_layers=args.layers, n_heads=args.heads, d_hid=args.ffn,
-        max_length=args.max_length, objective=args.objective, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, warmup_steps=args.warmup_steps, val_fraction=args.val_fraction, seed=args.seed,
-        precision=args.precision, progress=not args.no_progress, max_steps=args.max_steps,
-    )
+    model_kw = {"layer": args.layer, "d_model": args.width, "n_layers": args.layers, "n_heads": args.heads,
+                "d_hid": args.ffn, "max_length": args.max_length, "objective": args.objective, "epochs": args.epochs,
+                "batch_size": args.batch_size, "lr": args.lr, "warmup_steps": args.warmup_steps, "seed": args.seed,
+                "precision": args.precision, "progress": not args.no_progress, "max_steps": args.max_steps}
+    if args.stream or len(args.data) > 1 or any(Path(d).is_dir() for d in args.data) or args.val:
+        from scforge.tasks.pretrain import pretrain_stream
+
+        vocab = None if args.vocab is None else _resolve_vocab(args.vocab)
+        result = pretrain_stream(
+            args.data, vocab=vocab, val_sources=args.val or None, num_workers=args.workers, devices=args.devices,
+            num_nodes=args.num_nodes, strategy=args.strategy, accelerator=args.accelerator,
+            checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume_from=args.resume,
+            **model_kw)
+    else:
+        result = pretrain(_read_data(args.data[0]), val_fraction=args.val_fraction, **model_kw)
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    if rank_zero_only.rank != 0:  # one process of a DDP / FSDP run writes the model (all hold the same weights)
+        return 0
     out = result.model.save(args.out, overwrite=args.overwrite)
     metrics = {k: (v if v == v else None) for k, v in result.metrics.items()}
     print(json.dumps({"written": str(out), "n_train_cells": result.n_train_cells, "n_val_cells": result.n_val_cells,
                       "metrics": metrics}, indent=2))
     return 0
+
+
+def _resolve_vocab(spec: str) -> Any:
+    from scforge.genes import builtin
+
+    return builtin.resolve_vocab(spec)
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
@@ -502,6 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--out", required=True, help="the shard folder to write")
     shard.add_argument("--shard-cells", type=int, default=100_000, help="cells per shard (default 100,000)")
     shard.add_argument("--overwrite", action="store_true", help="replace an existing shard folder")
+    shard.add_argument("--for-pretraining", action="store_true",
+                       help="tokens for `scforge pretrain` (scGPT pretraining tokenizer, --max-len default 256); "
+                            "the vocabulary (default: the data's genes) is saved as vocab.json in the folder")
     shard.set_defaults(func=_cmd_shard)
 
     emb = sub.add_parser("embed", help="cell embeddings from a model folder, written to a new .h5ad")
@@ -524,7 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
     emb.set_defaults(func=_cmd_embed)
 
     pre = sub.add_parser("pretrain", help="pretrain a new scGPT model on raw counts, saved as a model folder")
-    pre.add_argument("data", help="an .h5ad file of raw counts (read backed) or 'pbmc68k_reduced'")
+    pre.add_argument("data", nargs="+", help="an .h5ad file of raw counts or 'pbmc68k_reduced'; several files, "
+                     "zarr stores, TileDB-SOMA experiments or shard folders (--for-pretraining) are streamed")
     pre.add_argument("--out", required=True, help="model folder to write (scforge format)")
     pre.add_argument("--layer", default=None, help="layer holding the counts (default: X)")
     pre.add_argument("--layers", type=int, default=4, help="transformer layers (default 4)")
@@ -543,6 +579,20 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (-1: run all epochs)")
     pre.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     pre.add_argument("--overwrite", action="store_true", help="replace --out if it holds a model folder")
+    scale = pre.add_argument_group("streaming and many processes (any of these streams the data)")
+    scale.add_argument("--stream", action="store_true", help="stream the data from disk instead of loading it")
+    scale.add_argument("--val", nargs="+", default=None, help="held-out sources for the validation loss")
+    scale.add_argument("--vocab", default=None, help="model vocabulary (default: the data's genes, or the vocab.json "
+                       "of a shard folder)")
+    scale.add_argument("--workers", type=int, default=0, help="DataLoader workers per process (default 0)")
+    scale.add_argument("--devices", type=int, default=1, help="processes (GPUs) per node; under torchrun/SLURM, the "
+                       "tasks per node")
+    scale.add_argument("--num-nodes", type=int, default=1)
+    scale.add_argument("--strategy", default="auto", choices=["auto", "ddp", "fsdp"])
+    scale.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu"])
+    scale.add_argument("--checkpoint-dir", default=None, help="write checkpoints here (last.ckpt to resume)")
+    scale.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints")
+    scale.add_argument("--resume", default=None, help="a checkpoint to continue from")
     pre.set_defaults(func=_cmd_pretrain)
 
     ft = sub.add_parser("finetune", help="train a cell-type annotator on labelled cells (fine-tune or linear probe)")
