@@ -171,3 +171,15 @@ def test_clear_errors(ifnb_small, experiment, tmp_path):
     soma_io.from_anndata(str(gap), part(ifnb_small, 40, 60), measurement_name="RNA", registration_mapping=rd)
     with pytest.raises(InputDataError, match="soma_joinids .* run 0..59 for 40 cells, not 0..39"):
         soma_source(gap)
+
+
+def test_pretraining_from_a_soma_experiment(experiment):
+    """scGPT's generative pretraining streamed from the experiment; the vocabulary is its genes."""
+    from scforge.tasks.pretrain import pretrain_stream
+
+    uri, adata = experiment
+    result = pretrain_stream(str(uri), val_sources=str(uri), d_model=32, n_layers=1, n_heads=2, d_hid=32,
+                             max_length=48, batch_size=32, epochs=1, progress=False, accelerator="cpu")
+    assert result.n_train_cells == result.n_val_cells == 300
+    assert len(result.model.vocab) == adata.n_vars + 3  # the genes plus <pad>, <cls>, <eoc>
+    assert np.isfinite(result.metrics["val/gep"]) and np.isfinite(result.metrics["train/loss"])
