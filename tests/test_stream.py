@@ -111,6 +111,11 @@ def test_even_batches_for_ddp_and_length(files):
                              world_size=2, loader_workers=2)) for r in range(2)]
     assert uneven != per_rank and max(uneven) == per_rank[0]  # this layout is uneven: padding was needed
     assert cells.size - 450 <= (max(uneven) - min(uneven)) * 16  # repeats only what the padding adds
+    # the workers hint is for len(); iterated without workers, each rank is one consumer: every cell once
+    direct = [b["cells"] for r in range(2) for b in CellStream(sources(files), tok(), batch_size=16, block_size=24,
+                                                                 buffer_blocks=2, seed=1, rank=r, world_size=2,
+                                                                 loader_workers=2)]
+    np.testing.assert_array_equal(np.sort(np.concatenate(direct)), np.arange(450))
 
 
 def test_resume_with_dataloader_workers_takes_each_workers_share(files):

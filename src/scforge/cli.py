@@ -216,7 +216,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     if args.stream or len(args.data) > 1 or any(Path(d).is_dir() for d in args.data) or args.val:
         from scforge.tasks.pretrain import pretrain_stream
 
-        vocab = None if args.vocab is None else _resolve_vocab(args.vocab)
+        from scforge.genes import builtin
+
+        vocab = None if args.vocab is None else builtin.resolve_vocab(args.vocab)
         result = pretrain_stream(
             args.data, vocab=vocab, val_sources=args.val or None, num_workers=args.workers, devices=args.devices,
             num_nodes=args.num_nodes, strategy=args.strategy, accelerator=args.accelerator,
@@ -233,12 +235,6 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     print(json.dumps({"written": str(out), "n_train_cells": result.n_train_cells, "n_val_cells": result.n_val_cells,
                       "metrics": metrics}, indent=2))
     return 0
-
-
-def _resolve_vocab(spec: str) -> Any:
-    from scforge.genes import builtin
-
-    return builtin.resolve_vocab(spec)
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:

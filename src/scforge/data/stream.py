@@ -104,17 +104,18 @@ class _H5adRows:
 
         import h5py
 
-        for attempt in range(5):
+        tries = 5
+        for attempt in range(tries):
             try:
                 with h5py.File(self.path, "r") as f:
                     return read(f)
             except (OSError, KeyError) as exc:
-                if attempt == 4:
-                    raise InputDataError(f"cells {lo}..{hi} of {self.path} could not be read ({exc}); was the file "
-                                         "being rewritten? Keep files fixed while a run reads them, or write new cells "
-                                         "to a new file and add it as another source.") from None
-                time.sleep(0.2 * (attempt + 1))
-        raise AssertionError("unreachable")
+                error = exc
+                if attempt < tries - 1:
+                    time.sleep(0.2 * (attempt + 1))
+        raise InputDataError(f"cells {lo}..{hi} of {self.path} could not be read ({error}); was the file being "
+                             "rewritten? Keep files fixed while a run reads them, or write new cells to a new file "
+                             "and add it as another source.")
 
 
 def _h5ad_source(path: Path, layer: str | None) -> Any:
@@ -249,19 +250,13 @@ class CellStream(torch.utils.data.IterableDataset):
         """Minibatches of each of ``count`` consumers in an epoch whose block order is ``blocks``."""
         return [sum(n for _, n in self._groups(blocks[c::count])) for c in range(count)]
 
-    def _rank_shape(self) -> tuple[int, int, int]:
-        """``(rank, world, workers)`` as seen from this process."""
-        rank, world = self._distributed()
-        info = torch.utils.data.get_worker_info()
-        workers = info.num_workers if info is not None else max(1, self.loader_workers)
-        return rank, world, workers
-
-    def _plan_epoch(self) -> tuple[list[tuple[int, int, int]], list[int], list[int]]:
-        """The epoch's blocks; minibatches per consumer; minibatches per consumer after padding (with
-        ``even_batches`` each rank gets as many as the fullest rank, by repeating its own first ones)."""
-        rank, world, workers = self._rank_shape()
+    def _plan_epoch(self, count: int, workers: int) -> tuple[list[tuple[int, int, int]], list[int], list[int]]:
+        """For ``count`` consumers, ``workers`` per rank: the epoch's blocks; minibatches per consumer;
+        minibatches per consumer after padding (with ``even_batches`` each rank gets as many as the
+        fullest rank, by repeating its own first ones)."""
+        world = count // workers
         blocks = self.blocks()
-        counts = self._counts(blocks, world * workers)
+        counts = self._counts(blocks, count)
         target = list(counts)
         if self.even_batches and world > 1:
             per_rank = [sum(counts[r * workers : (r + 1) * workers]) for r in range(world)]
@@ -272,9 +267,12 @@ class CellStream(torch.utils.data.IterableDataset):
         return blocks, counts, target
 
     def __len__(self) -> int:
-        """Minibatches this rank delivers in the current epoch (over all its DataLoader workers)."""
-        rank, _, workers = self._rank_shape()
-        return sum(self._plan_epoch()[2][rank * workers : (rank + 1) * workers])
+        """Minibatches this rank delivers in the current epoch, over the DataLoader workers it will read
+        with (``loader_workers``, set by :meth:`set_distributed`)."""
+        rank, world = self._distributed()
+        info = torch.utils.data.get_worker_info()
+        workers = info.num_workers if info is not None else max(1, self.loader_workers)
+        return sum(self._plan_epoch(world * workers, workers)[2][rank * workers : (rank + 1) * workers])
 
     @staticmethod
     def _resume_turns(consumed: int, per_worker: list[int]) -> tuple[list[int], int]:
@@ -330,9 +328,9 @@ class CellStream(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         me, count = self.consumer()
-        blocks, counts, target = self._plan_epoch()
-        skip, self._skip = self._skip, 0
         info = torch.utils.data.get_worker_info()
+        blocks, counts, target = self._plan_epoch(count, 1 if info is None else info.num_workers)
+        skip, self._skip = self._skip, 0
         if info is not None and info.num_workers > 1 and skip:
             # a restarted DataLoader asks worker 0 first: the workers take over the roles rotated so
             # that worker 0 plays the one whose turn was next, and the rank's order goes on unchanged

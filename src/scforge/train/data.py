@@ -136,13 +136,13 @@ class CellCollator:
     positions scored by GEP/MVC), and either ``cu_seqlens`` + ``max_seqlen`` (packed; ``"none"`` and
     ``"mask"``) or ``padding_mask`` + ``gen_mask`` (padded; ``"generative"``), plus ``labels``,
     ``batch_labels`` and ``cells`` (indices) when given. The ``<cls>`` token (position 0) is never
-    corrupted.
+    corrupted. With ``cells=None`` only :meth:`collate` is used, on cells given with each call.
     """
 
-    def __init__(self, cells: TokenizedCells, *, corruption: Corruption, seed: int = 0,
+    def __init__(self, cells: TokenizedCells | None, *, corruption: Corruption, seed: int = 0,
                  labels: np.ndarray | None = None, batch_labels: np.ndarray | None = None,
                  mask_value: float = -1.0, pad_value: float = -2.0, pad_id: int = 0) -> None:
-        if cells.values is None or cells.gene_ids is None:
+        if cells is not None and (cells.values is None or cells.gene_ids is None):
             raise ConfigError("training needs tokenized cells with gene ids and values (scGPT tokenizer output)")
         self.cells, self.corruption, self.seed = cells, corruption, seed
         self.labels, self.batch_labels = labels, batch_labels

@@ -28,9 +28,8 @@ class StreamCollator(CellCollator):
 
     def __init__(self, *, corruption: Corruption, seed: int = 0, mask_value: float = -1.0, pad_value: float = -2.0,
                  pad_id: int = 0) -> None:
-        self.cells, self.corruption, self.seed = None, corruption, seed
-        self.labels, self.batch_labels = None, None
-        self.mask_value, self.pad_value, self.pad_id = mask_value, pad_value, pad_id
+        super().__init__(None, corruption=corruption, seed=seed, mask_value=mask_value, pad_value=pad_value,
+                         pad_id=pad_id)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         tokens = batch["tokens"]
