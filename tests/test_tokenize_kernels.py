@@ -125,6 +125,49 @@ def test_compiled_bins_equal_numpy_bins(csr, n_edges, log1p, normalize, scale):
     np.testing.assert_array_equal(ea, eb)
 
 
+@settings(max_examples=60, deadline=None)
+@given(csr=count_chunks(), n_edges=st.integers(2, 60), log1p=st.booleans(), normalize=st.booleans(),
+       drop_every=st.integers(2, 7))
+def test_compiled_bins_skip_stored_zeros_and_unmatched_genes(csr, n_edges, log1p, normalize, drop_every):
+    """Rows with stored zeros or unmatched columns take the compacting path; the kept entries get
+    the bins the NumPy kernel gives the matrix without them."""
+    from scforge.tokenize import _compiled
+
+    column_tokens = np.arange(csr.shape[1], dtype=np.int64)
+    column_tokens[::drop_every] = -1
+    edges = np.empty((csr.shape[0], n_edges))
+    out = np.full(csr.nnz, -7.0, dtype=np.float32)
+    genes = np.full(csr.nnz, -7, dtype=np.int32)
+    _compiled.bin_chunk(csr.indptr, csr.data, csr.indices, column_tokens, np.linspace(0, 1, n_edges), 1e4,
+                        normalize, log1p, True, np.uint64(K.hash_salt(3, 0)), 10, edges, out, genes, 0)
+    kept = csr[:, np.flatnonzero(column_tokens >= 0)].tocsr()
+    kept.eliminate_zeros()
+    kept_tokens = column_tokens[column_tokens >= 0][kept.indices]
+    factors = K.row_factors(kept.data, kept.indptr, 1e4) if normalize else None
+    left, right, ref_edges = K.bin_limits(kept.data, kept.indptr, n_edges, factors=factors, log1p=log1p)
+    r = K.row_hash_uniform(3, 0, 10, kept.indptr, kept_tokens)
+    ref = (left - np.floor(r * (left - right)).astype(np.int64)).astype(np.float32)
+    for row in range(csr.shape[0]):
+        lo, n = csr.indptr[row], kept.indptr[row + 1] - kept.indptr[row]
+        np.testing.assert_array_equal(out[lo : lo + n], ref[kept.indptr[row] : kept.indptr[row + 1]])
+        np.testing.assert_array_equal(genes[lo : lo + n], kept_tokens[kept.indptr[row] : kept.indptr[row + 1]])
+        np.testing.assert_array_equal(edges[row], ref_edges[row] if n else np.zeros(n_edges))
+
+
+def test_compiled_bins_report_bad_values():
+    from scforge.tokenize import _compiled
+
+    csr = sp.csr_matrix(np.array([[1.0, 2.0, 0.0], [3.0, -1.0, 2.0], [np.nan, 1.0, 1.0]], dtype=np.float32))
+    written, bad = np.zeros(3, dtype=np.int64), np.zeros(3, dtype=np.int8)
+    offsets = np.array([0, 3, 7, 11])
+    values, genes = np.zeros(11, dtype=np.float32), np.zeros(11, dtype=np.int32)
+    _compiled.bin_matrix(csr.indptr, csr.data, csr.indices, np.arange(3, dtype=np.int64), np.linspace(0, 1, 4),
+                         1e4, True, True, True, np.uint64(1), np.uint64(2), 100, offsets, True, 9, -2.0,
+                         values, genes, np.empty((3, 4)), 2, 3, written, bad)
+    assert bad.tolist() == [0, 1, 1]
+    assert written[0] == 2 and genes[0] == 9 and values[0] == -2.0  # <cls> written by the kernel
+
+
 @pytest.mark.parametrize("layer", [None, "lognorm"])
 def test_compiled_and_numpy_tokenizers_agree_on_ifnb(ifnb_small, monkeypatch, layer):
     from scforge.genes import builtin

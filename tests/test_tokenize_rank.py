@@ -151,3 +151,45 @@ def test_n_counts_column_is_used_and_validated():
     good = toy_adata(x)
     good.obs = df.set_index(good.obs_names)
     assert np.array_equal(RankValueTokenizer(d).tokenize(good)[0][0], d.vocab.lookup([GENES[0], GENES[1]]))
+
+
+def test_scores_one_ulp_apart_are_ranked_exactly():
+    """The compiled sort keys drop the scores' lowest bits; near-equal scores are put in exact order."""
+    d = toy_dictionaries("V1")
+    medians = dict(d.medians)
+    medians[GENES[7]] = 1.0  # the higher token id gets the slightly higher score
+    medians[GENES[0]] = float(np.nextafter(1.0, 2.0))
+    d = GeneformerDictionaries(vocab=d.vocab, medians=medians, name_to_id=None, ensembl_mapping=None, version="V1")
+    x = np.array([[1, 0, 0, 0, 0, 0, 0, 1], [3, 0, 0, 0, 0, 0, 0, 3]])
+    cells = RankValueTokenizer(d).tokenize(toy_adata(x))
+    for i in range(2):
+        assert np.array_equal(cells[i][0], d.vocab.lookup([GENES[7], GENES[0]]))
+
+
+@pytest.mark.parametrize("folder,size,with_counts", [("geneformer_v1", 2048, False), ("geneformer_v2_gc95M", 4096, True),
+                                                     ("geneformer_v2_gc95M", 300, False)])
+def test_whole_matrix_kernel_equals_chunk_and_numpy_paths(ifnb_small, shared_data, monkeypatch, folder, size, with_counts):
+    from scforge.tokenize import rank
+
+    d = load_geneformer_dictionaries(shared_data / "genes" / folder)
+    data = ifnb_small[:400].copy()
+    x = data.X.tocsr().astype(np.float32)
+    x.data[::97] = 0.0  # stored zeros are not expressed genes
+    data.X = x
+    if with_counts:
+        data.obs["n_counts"] = np.asarray(x.sum(1)).ravel() + 17.0
+    before = data.X.copy()
+    tok = RankValueTokenizer(d, model_input_size=size, n_counts_key="n_counts")
+    whole = tok.tokenize(data)
+    assert (data.X != before).nnz == 0 and data.X.nnz == before.nnz  # the caller's matrix is untouched
+    from scforge.matrix import as_source
+
+    source = as_source(data)
+    assert tok._tokenize_whole(source, tok._plan(source, None)) is not None  # the compiled whole-matrix path ran
+    chunked = type(whole).concat(list(RankValueTokenizer(d, model_input_size=size, chunk_size=77).iter_chunks(data)))
+    monkeypatch.setattr(rank, "USE_COMPILED", False)
+    slow = RankValueTokenizer(d, model_input_size=size, n_counts_key="n_counts").tokenize(data)
+    for other in (chunked, slow):
+        assert np.array_equal(whole.offsets, other.offsets)
+        assert np.array_equal(whole.gene_ids, other.gene_ids)
+    assert whole.lengths.max() <= size

@@ -30,6 +30,7 @@ Ensembl id, or ids collapsed by ``ensembl_mapping``); tokenizers sum such duplic
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -204,11 +205,18 @@ class GeneAlignment:
     gene_names: np.ndarray
     token_ids: np.ndarray
     method: np.ndarray
-    detected: IdTypeGuess
     vocab_id_type: str
     vocab_examples: list[str] = field(default_factory=list)
     use_synonyms: bool = True
     species: str = "auto"
+    guess: IdTypeGuess | None = field(default=None, repr=False)
+
+    @property
+    def detected(self) -> IdTypeGuess:
+        """The data's identifier type (:func:`detect_id_type`), guessed on first use."""
+        if self.guess is None:
+            self.guess = detect_id_type(self.gene_names)
+        return self.guess
 
     @property
     def n_genes(self) -> int:
@@ -343,7 +351,7 @@ class _Aligner:
         self.names = names
         self.vocab = vocab
         self.ids = np.full(names.size, -1, dtype=np.int64)
-        self.method = np.full(names.size, "unmatched", dtype=object)
+        self.method = np.full(names.size, "unmatched", dtype=f"<U{max(map(len, METHODS))}")
 
     def todo(self) -> np.ndarray:
         return self.ids < 0
@@ -390,19 +398,31 @@ def align_genes(
             "GeneVocab.from_file(path) or scforge.genes.load_geneformer_dictionaries(folder).vocab."
         )
     names = _as_object_array(genes)
-    names = np.where(pd.isna(names), "", names).astype(object)
+    missing = pd.isna(names)
+    if missing.any():
+        names[missing] = ""
     n = names.size
-    detected = detect_id_type(names)
     vocab_type = vocab.id_type
     vocab_sp, vocab_kind = species_of(vocab_type), kind_of(vocab_type)
-    sym_species = species if species != "auto" else (detected.species if detected.species != "unknown" else "human")
+    guess: list[IdTypeGuess] = []  # detected on demand: data whose names all match exactly never need it
 
-    s = _series(names)
-    ens_like = ensembl_like(names.astype(str))  # the Ensembl regexes run on these only
-    is_hens = regex_where(s, HUMAN_ENSEMBL_RE, ens_like, case=False)
-    is_mens = regex_where(s, MOUSE_ENSEMBL_RE, ens_like, case=False)
-    gene_species = np.where(is_hens, "human", np.where(is_mens, "mouse", sym_species)).astype(object)
-    gene_kind = np.where(is_hens | is_mens, "ensembl", "symbol").astype(object)
+    def detected() -> IdTypeGuess:
+        if not guess:
+            guess.append(detect_id_type(names))
+        return guess[0]
+
+    @functools.cache
+    def per_gene() -> tuple[np.ndarray, np.ndarray]:
+        """Each gene's species and kind (Ensembl ids carry their species; symbols get ``species``)."""
+        sym_species = species if species != "auto" else (
+            detected().species if detected().species != "unknown" else "human")
+        s = _series(names)
+        ens_like = ensembl_like(names.astype(str))  # the Ensembl regexes run on these only
+        is_hens = regex_where(s, HUMAN_ENSEMBL_RE, ens_like, case=False)
+        is_mens = regex_where(s, MOUSE_ENSEMBL_RE, ens_like, case=False)
+        gene_species = np.where(is_hens, "human", np.where(is_mens, "mouse", sym_species)).astype(object)
+        gene_kind = np.where(is_hens | is_mens, "ensembl", "symbol").astype(object)
+        return gene_species, gene_kind
 
     al = _Aligner(names, vocab)
     all_rows = np.arange(n)
@@ -437,13 +457,15 @@ def align_genes(
     # 3. case-insensitive, unique, same species
     rows = np.flatnonzero(al.todo())
     if rows.size:
+        gene_species, gene_kind = per_gene()
         same_sp = (vocab_sp == "unknown") | (gene_species[rows] == vocab_sp)
         rows = rows[same_sp]
         key = _upper(strip_version(names[rows]))
         al.assign(rows, _ids_from(_map(key, _upper_index(vocab))), "case")
 
     # 4. synonyms, id-type conversion, orthologs
-    if use_synonyms and vocab_kind is not None:
+    if use_synonyms and vocab_kind is not None and al.todo().any():
+        gene_species, gene_kind = per_gene()
         for sp in ("human", "mouse"):
             rows = np.flatnonzero(al.todo() & (gene_species == sp))
             if not rows.size:
@@ -456,17 +478,18 @@ def align_genes(
     alignment = GeneAlignment(
         gene_names=names,
         token_ids=al.ids,
-        method=al.method.astype(str),
-        detected=detected,
+        method=al.method,
         vocab_id_type=vocab_type,
         vocab_examples=list(vocab.id_type_guess.examples[:5]),
         use_synonyms=use_synonyms,
         species=species,
+        guess=guess[0] if guess else None,
     )
-    logger.debug(
-        "align_genes: %d of %d genes matched (%s); data %s, vocabulary %s",
-        alignment.n_matched, n, alignment.method_counts(), detected.id_type, vocab_type,
-    )
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug(
+            "align_genes: %d of %d genes matched (%s); data %s, vocabulary %s",
+            alignment.n_matched, n, alignment.method_counts(), alignment.detected.id_type, vocab_type,
+        )
     return alignment
 
 

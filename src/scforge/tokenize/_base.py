@@ -71,7 +71,11 @@ def plan_genes(
         ids = token_ids[matched]
         needs_sort = bool(ids.size and (np.any(np.diff(ids) <= 0)))
         return GenePlan(alignment, colmap, out_tokens, needs_sort)
-    uniq, first, inverse = np.unique(token_ids[matched], return_index=True, return_inverse=True)
+    ids = token_ids[matched]
+    if order == "data" and ids.size and np.bincount(ids).max() == 1:  # common: no two genes share a token
+        colmap[matched] = np.arange(ids.size)
+        return GenePlan(alignment, colmap, ids, False)
+    uniq, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
     if order == "data":
         rank = np.empty(uniq.size, dtype=np.int64)
         rank[np.argsort(first, kind="stable")] = np.arange(uniq.size)

@@ -97,69 +97,95 @@ def _tie_draw(cell_key: np.uint64, token, width) -> int:
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _bin_row(
-    lo, hi, data, indices, column_tokens, q, target_sum, normalize, log1p, random_ties, cell_key, tag,
-    box, stamp, hist, distinct, scaled_of, left_of, width_of, edges_row, row_vals, row_tokens, row_digits,
+    lo, hi, data, indices, column_tokens, q, target_sum, normalize, log1p, random_ties, cell_key,
+    box, hist, distinct, scaled_of, left_of, edges_row, row_vals, row_tokens, row_digits,
 ):
     """Bins of one cell's expressed, matched genes (CSR entries ``lo..hi-1``).
 
     Entries with value 0 or ``column_tokens[column] < 0`` are skipped. Writes the kept entries'
     tokens and bins, in CSR order, to ``row_tokens[:n]`` / ``row_digits[:n]`` and the cell's
     quantile edges to ``edges_row``; returns ``n``, or -1 when a value is negative or not finite.
-    Counting path: ``hist`` is indexed by count value and valid where ``stamp`` equals ``tag``
-    (unique per cell), so it is never cleared; ``distinct`` lists the cell's distinct counts, whose
-    bins (``left_of``, and ``width_of`` = left - right digitize for ties) are computed once each.
+    Counting path (integer counts below ``hist.size``): ``hist`` counts each value and is all
+    zeros again on return; ``distinct`` lists the cell's distinct counts, whose bins are computed
+    once each: ``left_of`` packs the left digitize result (low 16 bits) and the tie width, left -
+    right digitize (bits 16 and up).
+    The loops over entries are branch-free where they can be (the work is per stored value).
     """
     n_edges = q.size
-    n = 0
-    n_distinct = 0
-    total = 0.0
-    use_hist = True
-    max_c = 0
+    # 1. the common case first: every entry positive, finite and matched (checks free of branches)
+    n = hi - lo
+    clean = True
     for i in range(lo, hi):
         v = data[i]
-        if not (v >= 0 and v < np.inf):
-            return -1  # negative, NaN or infinite: the caller reports it
-        if v == 0:
-            continue
+        clean &= (v > 0) & (v < np.inf)
+    for i in range(lo, hi):
         token = column_tokens[indices[i]]
-        if token < 0:
-            continue
-        row_vals[n] = v
-        row_tokens[n] = token
-        n += 1
-        total += v
-        if use_hist:  # a histogram of counts while the values are small positive integers
-            if v < stamp.size and int(v) == v:
-                c = int(v)
-                if stamp[c] != tag:
-                    stamp[c] = tag
-                    hist[c] = 0
-                    distinct[n_distinct] = c
-                    n_distinct += 1
-                hist[c] += 1
-                if c > max_c:
-                    max_c = c
-            else:
-                use_hist = False
+        row_tokens[i - lo] = token
+        clean &= token >= 0
+    if clean:
+        values = data[lo:hi]
+    else:  # keep expressed, matched entries: written unconditionally, kept by advancing n
+        n = 0
+        bad = False
+        for i in range(lo, hi):
+            v = data[i]
+            token = column_tokens[indices[i]]
+            bad |= not (v >= 0 and v < np.inf)
+            row_vals[n] = v
+            row_tokens[n] = token
+            n += (v != 0) & (token >= 0)
+        if bad:
+            return -1  # negative, NaN or infinite: the caller reports it
+        values = row_vals[:n]
     if n == 0:
         for j in range(n_edges):
             edges_row[j] = 0.0
         return 0
-    if use_hist and max_c > 8 * n + 64:  # few, large counts: sorting is cheaper than the walk
-        use_hist = False
-    factor = row_vals[0]  # unused unless normalize
+    # 2. total and whether the counting path applies; integer totals are exact in any order, so
+    # four partial sums are used for them; other values are summed again in entry order
+    t0 = 0.0
+    t1 = 0.0
+    t2 = 0.0
+    t3 = 0.0
+    whole = True
+    top = values[0]
+    quads = n - n % 4
+    for j in range(0, quads, 4):
+        t0 += values[j]
+        t1 += values[j + 1]
+        t2 += values[j + 2]
+        t3 += values[j + 3]
+    for j in range(quads, n):
+        t0 += values[j]
+    for j in range(n):
+        v = values[j]
+        whole &= np.floor(v) == v
+        top = max(top, v)
+    total = (t0 + t1) + (t2 + t3)
+    if not (whole and total < 2.0**53):
+        total = 0.0
+        for j in range(n):
+            total += values[j]
+    # few, large counts: sorting is cheaper than walking the histogram
+    use_hist = whole and top < hist.size and top <= 8 * n + 64
+    factor = values[0]  # unused unless normalize
     if normalize:
         factor = _cast(total, box) / _cast(target_sum, box)
+    n_distinct = 0
     if use_hist:  # each distinct count is scaled once
-        for k in range(n_distinct):
-            c = distinct[k]
-            scaled_of[c] = _scale(_cast(c, box), factor, normalize, log1p)
+        for j in range(n):
+            hist[int(values[j])] += 1
+        for c in range(int(top) + 1):  # top <= 8 n + 64: a walk of the size of the cell
+            if hist[c] != 0:
+                distinct[n_distinct] = c
+                n_distinct += 1
+                scaled_of[c] = _scale(_cast(c, box), factor, normalize, log1p)
     else:
         xs = np.empty(n, dtype=data.dtype)
         for j in range(n):
-            xs[j] = _scale(row_vals[j], factor, normalize, log1p)
+            xs[j] = _scale(values[j], factor, normalize, log1p)
         xs.sort()
-    # quantile edges, as np.quantile(..., method="linear"); positions only increase with j
+    # 3. quantile edges, as np.quantile(..., method="linear"); positions only increase with j
     walk = 0  # smallest count value whose cumulative frequency exceeds the position
     below = 0  # entries with a count < walk
     for j in range(n_edges):
@@ -174,37 +200,37 @@ def _bin_row(
             pb = pa + 1
             gamma = virtual - prev
         if use_hist:
-            while below + (hist[walk] if stamp[walk] == tag else 0) <= pa:
-                below += hist[walk] if stamp[walk] == tag else 0
+            while below + hist[walk] <= pa:
+                below += hist[walk]
                 walk += 1
-            va = walk
             vb = walk
             upto = below + hist[vb]
             while upto <= pb:
                 vb += 1
-                upto += hist[vb] if stamp[vb] == tag else 0
-            a = scaled_of[va]
+                upto += hist[vb]
+            a = scaled_of[walk]
             b = scaled_of[vb]
         else:
             a = xs[pa]
             b = xs[pb]
         edges_row[j] = _edge(a, b, gamma)
+    # 4. digitize: ties get left - floor(r * width), which is left itself where width is 0
     if use_hist:
-        for k in range(n_distinct):  # digitize each distinct count once
+        for k in range(n_distinct):  # digitize each distinct count once, and clear the histogram
             c = distinct[k]
+            hist[c] = 0
             left = _count_le(edges_row, scaled_of[c])
-            left_of[c] = left
-            width_of[c] = left - _count_lt(edges_row, scaled_of[c])
-        for j in range(n):
-            c = int(row_vals[j])
-            left = left_of[c]
-            width = width_of[c]
-            if random_ties and width != 0:
-                left = left - _tie_draw(cell_key, row_tokens[j], width)
-            row_digits[j] = left
+            left_of[c] = left | ((left - _count_lt(edges_row, scaled_of[c])) << 16)
+        if random_ties:
+            for j in range(n):
+                packed = left_of[int(values[j])]
+                row_digits[j] = (packed & 0xFFFF) - _tie_draw(cell_key, row_tokens[j], packed >> 16)
+        else:
+            for j in range(n):
+                row_digits[j] = left_of[int(values[j])] & 0xFFFF
         return n
     for j in range(n):
-        x = _scale(row_vals[j], factor, normalize, log1p)
+        x = _scale(values[j], factor, normalize, log1p)
         left = _count_le(edges_row, x)
         width = left - _count_lt(edges_row, x)
         if random_ties and width != 0:
@@ -225,14 +251,12 @@ def _table_size(data: np.ndarray) -> int:
 
 @numba.njit(cache=True, nogil=True)
 def _scratch(dtype_like: np.ndarray, max_row: int, size: int):
-    """box, stamp, hist, distinct, scaled_of, left_of, width_of, row_vals, row_tokens, row_digits."""
+    """box, hist, distinct, scaled_of, left_of, row_vals, row_tokens, row_digits."""
     return (
         np.empty(1, dtype=dtype_like.dtype),
-        np.full(size, -1, dtype=np.int64),
         np.zeros(size, dtype=np.int64),
         np.empty(min(size, max(max_row, 1)), dtype=np.int64),
         np.zeros(size, dtype=dtype_like.dtype),
-        np.zeros(size, dtype=np.int64),
         np.zeros(size, dtype=np.int64),
         np.empty(max(max_row, 1), dtype=dtype_like.dtype),
         np.empty(max(max_row, 1), dtype=np.int64),
@@ -270,7 +294,7 @@ def bin_chunk(
     max_row = 0
     for row in range(n_rows):
         max_row = max(max_row, indptr[row + 1] - indptr[row])
-    box, stamp, hist, distinct, scaled_of, left_of, width_of, row_vals, row_tokens, row_digits = _scratch(
+    box, hist, distinct, scaled_of, left_of, row_vals, row_tokens, row_digits = _scratch(
         data, max_row, _table_size(data)
     )
     write_genes = out_genes.size > 0
@@ -278,7 +302,7 @@ def bin_chunk(
         cell_key = _mix32(np.uint64(first_cell + row) ^ salt)
         n = _bin_row(
             indptr[row], indptr[row + 1], data, indices, column_tokens, q, target_sum, normalize, log1p,
-            random_ties, cell_key, row, box, stamp, hist, distinct, scaled_of, left_of, width_of,
+            random_ties, cell_key, box, hist, distinct, scaled_of, left_of,
             edges[row], row_vals, row_tokens, row_digits,
         )
         base = indptr[row] + shift * (row + 1)
@@ -291,11 +315,12 @@ def bin_chunk(
 @numba.njit(cache=True, parallel=True)
 def bin_matrix(
     indptr, data, indices, column_tokens, q, target_sum, normalize, log1p, random_ties, tie_salt,
-    subsample_salt, limit, offsets, append_cls, out_values, out_genes, edges, n_blocks, max_row, written, bad,
+    subsample_salt, limit, offsets, append_cls, cls_id, cls_value, out_values, out_genes, edges, n_blocks,
+    max_row, written, bad,
 ):
     """The whole in-memory matrix in one call: cells split in ``n_blocks`` parallel blocks, bins
-    and tokens written straight into the ragged arrays at ``offsets`` (after the ``<cls>`` slot the
-    caller fills when ``append_cls``). ``written[r]`` receives the number of genes written for cell
+    and tokens written straight into the ragged arrays at ``offsets``, after a ``<cls>`` slot
+    (``cls_id``, ``cls_value``) when ``append_cls``; the threads also touch the output pages first. ``written[r]`` receives the number of genes written for cell
     ``r`` (fewer than reserved when genes are unmatched or stored zeros) and ``bad[r]`` 1 when the
     cell has a negative or non-finite value (its output is then meaningless). Cells with more than ``limit`` genes keep the ``limit`` genes with the smallest
     (seed, cell, gene) subsample hash, listed in data order (as ``take_first_k_per_row``)."""
@@ -305,7 +330,7 @@ def bin_matrix(
     for block in numba.prange(n_blocks):
         r0 = block * n_rows // n_blocks
         r1 = (block + 1) * n_rows // n_blocks
-        box, stamp, hist, distinct, scaled_of, left_of, width_of, row_vals, row_tokens, row_digits = (
+        box, hist, distinct, scaled_of, left_of, row_vals, row_tokens, row_digits = (
             _scratch(data, max_row, size)
         )
         keys = np.empty(max(max_row, 1), dtype=np.int64)
@@ -313,11 +338,15 @@ def bin_matrix(
             cell_key = _mix32(np.uint64(row) ^ tie_salt)
             lo = indptr[row]
             hi = indptr[row + 1]
-            pos = offsets[row] + extra
+            pos = offsets[row]
+            if append_cls:
+                out_genes[pos] = cls_id
+                out_values[pos] = cls_value
+            pos += extra
             if hi - lo <= limit:  # no subsampling possible: write straight into the output
                 n = _bin_row(
                     lo, hi, data, indices, column_tokens, q, target_sum, normalize, log1p, random_ties,
-                    cell_key, row, box, stamp, hist, distinct, scaled_of, left_of, width_of, edges[row],
+                    cell_key, box, hist, distinct, scaled_of, left_of, edges[row],
                     row_vals, out_genes[pos : pos + (hi - lo)], out_values[pos : pos + (hi - lo)],
                 )
                 bad[row] = 1 if n < 0 else 0
@@ -325,7 +354,7 @@ def bin_matrix(
                 continue
             n = _bin_row(
                 lo, hi, data, indices, column_tokens, q, target_sum, normalize, log1p, random_ties, cell_key,
-                row, box, stamp, hist, distinct, scaled_of, left_of, width_of, edges[row], row_vals,
+                box, hist, distinct, scaled_of, left_of, edges[row], row_vals,
                 row_tokens, row_digits,
             )
             if n < 0:
@@ -397,3 +426,196 @@ def rank_chunk(
         for i in range(k):
             out_order[lo + i] = lo + order[i]
         out_lengths[row] = k
+
+
+@numba.njit(cache=True, nogil=True)
+def _rank_row(lo, hi, data, indices, column_tokens, column_medians, column_shared, n_counts, target_sum, summed,
+              fbox, ubox, scores, tokens, keys, spare_keys, order, spare_order, counts):
+    """Geneformer order of one cell: its expressed, matched genes sorted by score
+    ``count / n_counts * target_sum / median`` descending, equal scores by ascending token. Fills
+    ``scores[:n]`` / ``tokens[:n]`` and returns ``(idx, n)``, ``idx[:n]`` the genes in rank order.
+    Columns flagged in ``column_shared`` share their token with another column; their counts are
+    summed first in ``summed`` (indexed by token; all zeros between calls).
+
+    Sort: a stable byte-wise radix sort on the upper 32 bits of each score (positive floats order
+    like their bits), complemented for descending order; bytes equal in every key are skipped. Genes
+    whose keys are equal are then put in exact order (score descending, then token).
+    """
+    n = 0
+    n_shared = 0
+    for i in range(lo, hi):
+        v = data[i]
+        col = indices[i]
+        token = column_tokens[col]
+        if v != 0 and token >= 0:
+            if column_shared[col]:
+                if summed[token] == 0:
+                    spare_order[n_shared] = token  # scratch: the shared tokens met so far
+                    n_shared += 1
+                summed[token] += v
+            else:
+                scores[n] = np.float64(v) / n_counts * target_sum / column_medians[col]
+                tokens[n] = token
+                n += 1
+    for j in range(n_shared):
+        token = spare_order[j]
+        scores[n] = summed[token] / n_counts * target_sum / column_medians[-1 - token]
+        tokens[n] = token
+        summed[token] = 0.0
+        n += 1
+    varying = np.uint32(0)
+    first = np.uint32(0)
+    for j in range(n):
+        fbox[0] = scores[j]
+        key = np.uint32(~(ubox[0] >> np.uint64(32)) & np.uint64(0xFFFFFFFF))
+        keys[j] = key
+        order[j] = j
+        if j == 0:
+            first = key
+        varying |= key ^ first
+    src_k, dst_k, src_i, dst_i = keys, spare_keys, order, spare_order
+    for shift in range(0, 32, 8):
+        if (varying >> np.uint32(shift)) & np.uint32(0xFF) == 0:
+            continue
+        counts[:] = 0
+        for j in range(n):
+            counts[(src_k[j] >> np.uint32(shift)) & np.uint32(0xFF)] += 1
+        total = 0
+        for d in range(256):
+            c = counts[d]
+            counts[d] = total
+            total += c
+        for j in range(n):
+            d = (src_k[j] >> np.uint32(shift)) & np.uint32(0xFF)
+            dst_k[counts[d]] = src_k[j]
+            dst_i[counts[d]] = src_i[j]
+            counts[d] += 1
+        src_k, dst_k = dst_k, src_k
+        src_i, dst_i = dst_i, src_i
+    start = 0
+    while start < n:  # runs sharing the key: insertion sort by exact score descending, then token
+        stop = start + 1
+        while stop < n and src_k[stop] == src_k[start]:
+            stop += 1
+        for a in range(start + 1, stop):
+            cur = src_i[a]
+            b = a - 1
+            while b >= start:
+                prev = src_i[b]
+                if scores[prev] > scores[cur] or (scores[prev] == scores[cur] and tokens[prev] < tokens[cur]):
+                    break
+                src_i[b + 1] = prev
+                b -= 1
+            src_i[b + 1] = cur
+        start = stop
+    return src_i, n
+
+
+@numba.njit(cache=True, parallel=True)
+def rank_matrix(
+    indptr, data, indices, column_tokens, column_medians, column_shared, n_counts, have_counts, target_sum, limit,
+    offsets, special, cls_id, eos_id, out, written, bad, n_blocks, max_row, vocab_size,
+):
+    """Geneformer rank value tokens of a whole in-memory CSR matrix, cells in ``n_blocks`` parallel
+    blocks, written straight into the ragged output at ``offsets`` (``<cls>`` first and ``<eos>``
+    last when ``special``): at most ``limit`` tokens a cell, ``written[r]`` of them.
+
+    ``n_counts[r]`` is the cell's total (``have_counts``) or the sum of its stored values.
+    ``column_medians`` holds each column's gene median, followed by the medians of the tokens of
+    ``column_shared`` columns at ``-1 - token``; the counts of columns sharing a token are summed.
+    Token ids are below ``vocab_size``. ``bad[r]``: 1 negative or non-finite value, 2 a value that is not a whole
+    number, 3 expressed genes with a total <= 0 (the cell's output is then meaningless).
+    """
+    n_rows = indptr.size - 1
+    shift = 1 if special else 0
+    for block in numba.prange(n_blocks):
+        r0 = block * n_rows // n_blocks
+        r1 = (block + 1) * n_rows // n_blocks
+        width = max(max_row, 1)
+        scores = np.empty(width, dtype=np.float64)
+        tokens = np.empty(width, dtype=np.int64)
+        keys = np.empty(width, dtype=np.uint32)
+        spare_keys = np.empty(width, dtype=np.uint32)
+        order = np.empty(width, dtype=np.int64)
+        spare_order = np.empty(width, dtype=np.int64)
+        counts = np.empty(256, dtype=np.int64)
+        summed = np.zeros(vocab_size, dtype=np.float64)
+        fbox = np.empty(1, dtype=np.float64)
+        ubox = fbox.view(np.uint64)
+        for row in range(r0, r1):
+            lo = indptr[row]
+            hi = indptr[row + 1]
+            finite = True
+            whole = True
+            total = 0.0
+            for i in range(lo, hi):
+                v = data[i]
+                finite &= (v >= 0) & (v < np.inf)
+                whole &= np.floor(v) == v
+                total += v
+            written[row] = 0
+            bad[row] = 0
+            if not finite:
+                bad[row] = 1
+                continue
+            if not whole:
+                bad[row] = 2
+                continue
+            cell_total = n_counts[row] if have_counts else total
+            ranked, n = _rank_row(lo, hi, data, indices, column_tokens, column_medians, column_shared, cell_total,
+                                  target_sum, summed, fbox, ubox, scores, tokens, keys, spare_keys, order,
+                                  spare_order, counts)
+            if n > 0 and not cell_total > 0:
+                bad[row] = 3
+                continue
+            k = min(n, limit)
+            pos = offsets[row]
+            if special:
+                out[pos] = cls_id
+                out[pos + shift + k] = eos_id
+            for j in range(k):
+                out[pos + shift + j] = tokens[ranked[j]]
+            written[row] = k
+
+
+@numba.njit(cache=True, parallel=True)
+def compact_rows(src: np.ndarray, src_offsets: np.ndarray, lengths: np.ndarray, dst_offsets: np.ndarray,
+                 dst: np.ndarray, n_blocks: int) -> None:
+    """Copy the first ``lengths[r]`` items of every row ``r`` of a ragged array (rows at
+    ``src_offsets``) to ``dst`` at ``dst_offsets``: removes the gaps a kernel left, rows in parallel."""
+    n_rows = lengths.size
+    for block in numba.prange(n_blocks):
+        for row in range(block * n_rows // n_blocks, (block + 1) * n_rows // n_blocks):
+            a = src_offsets[row]
+            b = dst_offsets[row]
+            for j in range(lengths[row]):
+                dst[b + j] = src[a + j]
+
+
+@numba.njit(cache=True, parallel=True)
+def kept_lengths(indptr: np.ndarray, data: np.ndarray, indices: np.ndarray, column_tokens: np.ndarray,
+                 column_shared: np.ndarray, vocab_size: int, max_row: int, n_blocks: int, out: np.ndarray) -> None:
+    """Number of distinct tokens each row expresses: entries with a non-zero value and a matched
+    column, columns flagged in ``column_shared`` counted once per token. Sizes outputs exactly, so
+    kernels need no second, compacted copy."""
+    n_rows = indptr.size - 1
+    for block in numba.prange(n_blocks):
+        seen = np.zeros(vocab_size, dtype=np.bool_)
+        met = np.empty(max(1, max_row), dtype=np.int64)
+        for row in range(block * n_rows // n_blocks, (block + 1) * n_rows // n_blocks):
+            n = 0
+            n_met = 0
+            for i in range(indptr[row], indptr[row + 1]):
+                col = indices[i]
+                token = column_tokens[col]
+                if data[i] != 0 and token >= 0:
+                    if column_shared[col]:
+                        if not seen[token]:
+                            seen[token] = True
+                            met[n_met] = token
+                            n_met += 1
+                    else:
+                        n += 1
+            for j in range(n_met):
+                seen[met[j]] = False
+            out[row] = n + n_met

@@ -22,7 +22,7 @@ from scforge.genes import GeneVocab
 from scforge.matrix import ExpressionSource, check_values, looks_like_counts
 from scforge.tokenize import _kernels as K
 from scforge.tokenize._base import ChunkTokenizer, GenePlan, plan_genes
-from scforge.tokenize.ragged import TokenizedCells, gather_ranges
+from scforge.tokenize.ragged import TokenizedCells, compact
 
 logger = logging.getLogger("scforge")
 
@@ -93,8 +93,8 @@ class BinnedTokenizer(ChunkTokenizer):
     ) -> None:
         super().__init__(species=species, use_synonyms=use_synonyms, chunk_size=chunk_size, n_jobs=n_jobs)
         self.vocab = vocab if isinstance(vocab, GeneVocab) else GeneVocab.from_file(vocab)
-        if n_bins is not None and n_bins < 3:
-            raise ConfigError(f"n_bins must be >= 3 (bin 0 is reserved for zeros), got {n_bins}")
+        if n_bins is not None and not 3 <= n_bins <= 1 << 16:
+            raise ConfigError(f"n_bins must be between 3 (bin 0 is reserved for zeros) and 65,536, got {n_bins}")
         if ties not in ("random", "left"):
             raise ConfigError(f"ties must be 'random' or 'left', got {ties!r}")
         if normalize_total is not None and not normalize_total > 0:
@@ -186,7 +186,10 @@ class BinnedTokenizer(ChunkTokenizer):
         reserved = np.diff(matrix.indptr).astype(np.int64)
         if limit is not None:
             np.minimum(reserved, limit, out=reserved)
-        offsets, gene_out, value_out = self._output_arrays(reserved)
+        offsets = np.zeros(n_rows + 1, dtype=np.int64)
+        np.cumsum(reserved + extra, out=offsets[1:])
+        gene_out = np.empty(int(offsets[-1]), dtype=np.int32)  # filled by the kernel, <cls> included
+        value_out = np.empty(int(offsets[-1]), dtype=np.float32)
         written = np.zeros(n_rows, dtype=np.int64)
         bad = np.zeros(n_rows, dtype=np.int8)
         edges = np.empty((n_rows, self.n_bins - 1), dtype=np.float64)
@@ -198,8 +201,8 @@ class BinnedTokenizer(ChunkTokenizer):
                 matrix.indptr, matrix.data, matrix.indices, column_tokens, *self._kernel_settings(),
                 np.uint64(K.hash_salt(self.seed, _SUBSAMPLE_STREAM)),
                 np.iinfo(np.int64).max if limit is None else int(limit), offsets, self.append_cls,
-                value_out, gene_out, edges, min(n_rows, threads * 4), int(np.diff(matrix.indptr).max(initial=0)),
-                written, bad,
+                -1 if self.cls_id is None else self.cls_id, self.cls_value, value_out, gene_out, edges,
+                min(n_rows, threads * 4), int(np.diff(matrix.indptr).max(initial=0)), written, bad,
             )
         finally:
             numba.set_num_threads(previous)
@@ -208,10 +211,7 @@ class BinnedTokenizer(ChunkTokenizer):
             check_values(sp.csr_matrix(matrix[first : first + 1]), source.where, (first, first + 1))
         self._warn_empty_cells(written, 0, "only <cls>" if self.append_cls else "no tokens")
         if not np.array_equal(written, reserved):
-            keep = gather_ranges(offsets, np.arange(n_rows), written + extra)
-            offsets = np.zeros(n_rows + 1, dtype=np.int64)
-            np.cumsum(written + extra, out=offsets[1:])
-            gene_out, value_out = gene_out[keep], value_out[keep]
+            offsets, gene_out, value_out = compact(offsets, written + extra, gene_out, value_out, n_jobs=threads)
         return TokenizedCells(
             offsets=offsets, gene_ids=gene_out, values=value_out,
             obs_names=source.obs_names_range(0, n_rows), meta=self.settings(),

@@ -260,3 +260,22 @@ def require_expressed_cells(cells: TokenizedCells, consequence: str, n_special: 
             f"{consequence}. Remove them first, e.g. sc.pp.filter_cells(adata, min_genes=1) after "
             "restricting to matched genes."
         )
+
+
+def compact(offsets: np.ndarray, lengths: np.ndarray, *arrays: np.ndarray, n_jobs: int = 1) -> tuple[np.ndarray, ...]:
+    """Keep the first ``lengths[r]`` items of each row of ragged ``arrays`` laid out at ``offsets``.
+
+    Returns the new offsets followed by the compacted arrays (new arrays; the inputs are unchanged).
+    """
+    from scforge.tokenize import _compiled
+
+    lengths = np.asarray(lengths, dtype=np.int64)
+    new_offsets = np.zeros(lengths.size + 1, dtype=np.int64)
+    np.cumsum(lengths, out=new_offsets[1:])
+    blocks = max(1, min(lengths.size, 4 * n_jobs))
+    out = []
+    for array in arrays:
+        dst = np.empty(int(new_offsets[-1]), dtype=array.dtype)
+        _compiled.compact_rows(array, offsets, lengths, new_offsets, dst, blocks)
+        out.append(dst)
+    return (new_offsets, *out)

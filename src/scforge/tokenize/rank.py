@@ -21,7 +21,7 @@ from scforge.genes import GeneformerDictionaries, load_geneformer_dictionaries
 from scforge.matrix import ExpressionSource, check_values, require_counts
 from scforge.tokenize import _kernels as K
 from scforge.tokenize._base import ChunkTokenizer, GenePlan, plan_genes
-from scforge.tokenize.ragged import TokenizedCells
+from scforge.tokenize.ragged import TokenizedCells, compact
 
 # compiled per-cell kernels (numba); the NumPy path gives identical results (tests switch)
 USE_COMPILED = True
@@ -129,6 +129,71 @@ class RankValueTokenizer(ChunkTokenizer):
                 )
         return plan_genes(self._align(source, gene_col), order=self.gene_order)
 
+    def _tokenize_whole(self, source: ExpressionSource, plan: GenePlan) -> TokenizedCells | None:
+        """In-memory CSR: one parallel compiled call over all cells, straight into the output."""
+        matrix = source.matrix
+        if not (
+            USE_COMPILED and sp.issparse(matrix) and matrix.format == "csr" and matrix.has_canonical_format
+            and matrix.dtype.kind in "fiu"
+        ):
+            return None
+        import numba
+
+        from scforge.tokenize import _compiled
+
+        n_rows = matrix.shape[0]
+        column = source.obs_column(self.n_counts_key) if self.n_counts_key is not None else None
+        n_counts = np.zeros(0) if column is None else np.asarray(column, dtype=np.float64)
+        column_tokens = np.where(plan.colmap >= 0, plan.out_tokens[np.maximum(plan.colmap, 0)], -1)
+        matched = column_tokens[column_tokens >= 0]
+        # columns whose token another column shares are summed in the kernel; their medians follow
+        # the columns' own, at -1 - token
+        column_shared = np.zeros(column_tokens.size, dtype=np.bool_)
+        if plan.merges_columns:
+            column_shared[column_tokens >= 0] = np.bincount(matched, minlength=len(self.vocab))[matched] > 1
+        column_medians = np.concatenate([
+            np.where(column_tokens >= 0, self._medians[np.maximum(column_tokens, 0)], np.nan),
+            self._medians[::-1] if plan.merges_columns else np.zeros(0),
+        ])
+        n_special = 2 if self.special_tokens else 0
+        limit = self.model_input_size - n_special
+        lengths = np.diff(matrix.indptr)
+        max_row = int(lengths.max(initial=0))
+        threads = max(1, min(self.n_jobs, numba.config.NUMBA_NUM_THREADS))
+        n_blocks = min(n_rows, threads * 4)
+        previous = numba.get_num_threads()
+        numba.set_num_threads(threads)
+        try:
+            # exact lengths first: fresh memory is costly to touch, so the output is allocated once
+            kept = np.empty(n_rows, dtype=np.int64)
+            _compiled.kept_lengths(matrix.indptr, matrix.data, matrix.indices, column_tokens, column_shared,
+                                   len(self.vocab), max_row, n_blocks, kept)
+            reserved = np.minimum(kept, limit) + n_special
+            offsets = np.zeros(n_rows + 1, dtype=np.int64)
+            np.cumsum(reserved, out=offsets[1:])
+            out = np.empty(int(offsets[-1]), dtype=np.int32)
+            written = np.empty(n_rows, dtype=np.int64)
+            bad = np.empty(n_rows, dtype=np.int8)
+            _compiled.rank_matrix(
+                matrix.indptr, matrix.data, matrix.indices, column_tokens, column_medians, column_shared, n_counts,
+                column is not None, self.target_sum, limit, offsets, self.special_tokens,
+                -1 if self.cls_id is None else self.cls_id, -1 if self.eos_id is None else self.eos_id, out,
+                written, bad, n_blocks, max_row, len(self.vocab),
+            )
+        finally:
+            numba.set_num_threads(previous)
+        if bad.any():  # the chunk path raises the precise error for the first offending cell
+            first = int(np.flatnonzero(bad)[0])
+            self._tokenize_chunk(source, plan, first, first + 1, sp.csr_matrix(matrix[first : first + 1]))
+            raise AssertionError("unreachable: the chunk path accepted a cell the compiled path refused")
+        self._warn_empty_cells(written, 0, "<cls> <eos> only" if self.special_tokens else "an empty sequence")
+        if not np.array_equal(written + n_special, reserved):  # only a refused cell writes less
+            offsets, out = compact(offsets, written + n_special, out, n_jobs=threads)
+        return TokenizedCells(
+            offsets=offsets, gene_ids=out, values=None, obs_names=source.obs_names_range(0, n_rows),
+            meta=self.settings(),
+        )
+
     def _tokenize_chunk(
         self, source: ExpressionSource, plan: GenePlan, lo: int, hi: int, csr: sp.csr_matrix
     ) -> TokenizedCells:
@@ -141,6 +206,9 @@ class RankValueTokenizer(ChunkTokenizer):
             n_counts = np.asarray(csr.sum(axis=1, dtype=np.float64)).ravel()
         # ties are ordered by token id in _rank, so entries need sorting only to sum duplicate genes
         m = K.remap_columns(csr, plan.colmap, plan.n_out, plan.merges_columns)
+        if m.nnz and not m.data.all():  # stored zeros are not expressed genes (never the caller's matrix)
+            m = m.copy()
+            m.eliminate_zeros()
         lengths = np.diff(m.indptr)
         if np.any((n_counts <= 0) & (lengths > 0)):
             bad = lo + int(np.flatnonzero((n_counts <= 0) & (lengths > 0))[0])
