@@ -191,3 +191,33 @@ def test_compiled_and_numpy_tokenizers_agree_on_ifnb(ifnb_small, monkeypatch, la
         monkeypatch.setattr(rank, "USE_COMPILED", False)
         slow = gf.tokenize(data)
         assert np.array_equal(fast.gene_ids, slow.gene_ids) and np.array_equal(fast.offsets, slow.offsets)
+
+
+def test_whole_matrix_binning_with_unmatched_genes_equals_numpy(ifnb_small, monkeypatch):
+    """Unmatched genes and stored zeros: the whole-matrix kernel sizes its output by what each cell
+    keeps, routes cells with entries to drop through scratch buffers, and equals the NumPy path."""
+    from scforge.genes import align_genes, builtin
+    from scforge.matrix import as_source
+    from scforge.tokenize import BinnedTokenizer, binned
+
+    vocab = builtin.builtin_vocab("scgpt-human")
+    ids = align_genes(list(ifnb_small.var_names), vocab).token_ids
+    _, first = np.unique(ids, return_index=True)
+    no_merges = np.zeros(ids.size, dtype=bool)
+    no_merges[first] = True
+    no_merges |= ids < 0  # every unmatched gene stays; of genes sharing a token, the first
+    data = ifnb_small[:300, no_merges].copy()
+    x = data.X.tocsr()
+    x.data[::53] = 0.0
+    data.X = x
+    assert (ids[no_merges] < 0).sum() > 100
+    for kw in (dict(), dict(max_len=200, seed=3)):
+        tok = BinnedTokenizer(vocab, **kw)
+        source = as_source(data)
+        assert tok._tokenize_whole(source, tok._plan(source, None)) is not None
+        fast = tok.tokenize(data)
+        monkeypatch.setattr(binned, "USE_COMPILED", False)
+        slow = BinnedTokenizer(vocab, **kw).tokenize(data)
+        monkeypatch.setattr(binned, "USE_COMPILED", True)
+        assert np.array_equal(fast.offsets, slow.offsets)
+        assert np.array_equal(fast.gene_ids, slow.gene_ids) and np.array_equal(fast.values, slow.values)

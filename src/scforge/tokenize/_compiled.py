@@ -320,10 +320,13 @@ def bin_matrix(
 ):
     """The whole in-memory matrix in one call: cells split in ``n_blocks`` parallel blocks, bins
     and tokens written straight into the ragged arrays at ``offsets``, after a ``<cls>`` slot
-    (``cls_id``, ``cls_value``) when ``append_cls``; the threads also touch the output pages first. ``written[r]`` receives the number of genes written for cell
-    ``r`` (fewer than reserved when genes are unmatched or stored zeros) and ``bad[r]`` 1 when the
-    cell has a negative or non-finite value (its output is then meaningless). Cells with more than ``limit`` genes keep the ``limit`` genes with the smallest
-    (seed, cell, gene) subsample hash, listed in data order (as ``take_first_k_per_row``)."""
+    (``cls_id``, ``cls_value``) when ``append_cls``; the threads also touch the output pages first.
+    A cell's room may be its stored entries or exactly what it keeps (see :func:`kept_lengths`);
+    cells with entries to drop go through scratch buffers when the room is exact.
+    ``written[r]`` receives the number of genes written for cell ``r`` and ``bad[r]`` 1 when the
+    cell has a negative or non-finite value (its output is then meaningless). Cells with more than
+    ``limit`` genes keep the ``limit`` genes with the smallest (seed, cell, gene) subsample hash,
+    listed in data order (as ``take_first_k_per_row``)."""
     n_rows = indptr.size - 1
     extra = 1 if append_cls else 0
     size = _table_size(data)
@@ -343,7 +346,8 @@ def bin_matrix(
                 out_genes[pos] = cls_id
                 out_values[pos] = cls_value
             pos += extra
-            if hi - lo <= limit:  # no subsampling possible: write straight into the output
+            if hi - lo <= limit and offsets[row + 1] - pos == hi - lo:  # room for every entry, none to drop:
+                # write straight into the output
                 n = _bin_row(
                     lo, hi, data, indices, column_tokens, q, target_sum, normalize, log1p, random_ties,
                     cell_key, box, hist, distinct, scaled_of, left_of, edges[row],
@@ -429,20 +433,26 @@ def rank_chunk(
 
 
 @numba.njit(cache=True, nogil=True)
-def _rank_row(lo, hi, data, indices, column_tokens, column_medians, column_shared, n_counts, target_sum, summed,
-              fbox, ubox, scores, tokens, keys, spare_keys, order, spare_order, counts):
+def _rank_row(lo, hi, data, indices, column_tokens, column_medians, column_inverse, column_shared, n_counts,
+              target_sum, summed, fbox, ubox, values, where, tokens, scores, fine, keys, spare_keys, order,
+              spare_order, counts):
     """Geneformer order of one cell: its expressed, matched genes sorted by score
     ``count / n_counts * target_sum / median`` descending, equal scores by ascending token. Fills
-    ``scores[:n]`` / ``tokens[:n]`` and returns ``(idx, n)``, ``idx[:n]`` the genes in rank order.
-    Columns flagged in ``column_shared`` share their token with another column; their counts are
-    summed first in ``summed`` (indexed by token; all zeros between calls).
+    ``tokens[:n]`` and returns ``(idx, n)``, ``idx[:n]`` the genes in rank order. Columns flagged
+    in ``column_shared`` share their token with another column; their counts are summed first in
+    ``summed`` (indexed by token; all zeros between calls).
 
-    Sort: a stable byte-wise radix sort on the upper 32 bits of each score (positive floats order
-    like their bits), complemented for descending order; bytes equal in every key are skipped. Genes
-    whose keys are equal are then put in exact order (score descending, then token).
+    Sort: a stable byte-wise radix sort on 16-bit keys: the upper 32 bits of each gene's ``count /
+    median`` (the cell's constant factors do not change the order; positive floats order like their
+    bits), complemented for descending order, less the cell's smallest, scaled to 16 bits; then an
+    insertion pass on the full 32-bit keys (the radix sort left only equal 16-bit keys unordered).
+    Genes whose 32-bit keys differ by 2 or more differ by far more than rounding, so their order is
+    certain; runs of equal or consecutive keys get exact scores, computed for them alone.
     """
     n = 0
     n_shared = 0
+    low = np.uint32(0xFFFFFFFF)
+    high = np.uint32(0)
     for i in range(lo, hi):
         v = data[i]
         col = indices[i]
@@ -454,28 +464,39 @@ def _rank_row(lo, hi, data, indices, column_tokens, column_medians, column_share
                     n_shared += 1
                 summed[token] += v
             else:
-                scores[n] = np.float64(v) / n_counts * target_sum / column_medians[col]
+                fbox[0] = v * column_inverse[col]
+                key = np.uint32(~(ubox[0] >> np.uint64(32)) & np.uint64(0xFFFFFFFF))
+                keys[n] = key
+                low = min(low, key)
+                high = max(high, key)
+                values[n] = v
+                where[n] = col
                 tokens[n] = token
+                order[n] = n
                 n += 1
     for j in range(n_shared):
         token = spare_order[j]
-        scores[n] = summed[token] / n_counts * target_sum / column_medians[-1 - token]
+        values[n] = summed[token]
+        where[n] = column_medians.size - 1 - token
+        fbox[0] = values[n] * column_inverse[where[n]]
+        key = np.uint32(~(ubox[0] >> np.uint64(32)) & np.uint64(0xFFFFFFFF))
+        keys[n] = key
+        low = min(low, key)
+        high = max(high, key)
         tokens[n] = token
+        order[n] = n
         summed[token] = 0.0
         n += 1
-    varying = np.uint32(0)
-    first = np.uint32(0)
+    top = 0  # bits of the cell's key range
+    while top < 32 and ((high - low) >> np.uint32(top)) != 0:
+        top += 1
+    drop = np.uint32(max(0, top - 16))
     for j in range(n):
-        fbox[0] = scores[j]
-        key = np.uint32(~(ubox[0] >> np.uint64(32)) & np.uint64(0xFFFFFFFF))
-        keys[j] = key
-        order[j] = j
-        if j == 0:
-            first = key
-        varying |= key ^ first
+        fine[j] = keys[j] - low
+        keys[j] = fine[j] >> drop
     src_k, dst_k, src_i, dst_i = keys, spare_keys, order, spare_order
-    for shift in range(0, 32, 8):
-        if (varying >> np.uint32(shift)) & np.uint32(0xFF) == 0:
+    for shift in range(0, 16, 8):
+        if ((high - low) >> drop) >> np.uint32(shift) == 0:
             continue
         counts[:] = 0
         for j in range(n):
@@ -492,28 +513,41 @@ def _rank_row(lo, hi, data, indices, column_tokens, column_medians, column_share
             counts[d] += 1
         src_k, dst_k = dst_k, src_k
         src_i, dst_i = dst_i, src_i
-    start = 0
-    while start < n:  # runs sharing the key: insertion sort by exact score descending, then token
-        stop = start + 1
-        while stop < n and src_k[stop] == src_k[start]:
-            stop += 1
-        for a in range(start + 1, stop):
+    if drop > 0:  # order by the full 32-bit keys: the radix sort left only equal 16-bit keys unsorted
+        for a in range(1, n):
             cur = src_i[a]
             b = a - 1
-            while b >= start:
-                prev = src_i[b]
-                if scores[prev] > scores[cur] or (scores[prev] == scores[cur] and tokens[prev] < tokens[cur]):
-                    break
-                src_i[b + 1] = prev
+            while b >= 0 and fine[src_i[b]] > fine[cur]:
+                src_i[b + 1] = src_i[b]
                 b -= 1
             src_i[b + 1] = cur
+    start = 0
+    while start < n:  # runs of equal or consecutive keys: insertion sort by exact score, then token
+        stop = start + 1
+        while stop < n and fine[src_i[stop]] - fine[src_i[stop - 1]] <= np.uint32(1):
+            stop += 1
+        if stop - start > 1:
+            for a in range(start, stop):
+                g = src_i[a]
+                scores[g] = values[g] / n_counts * target_sum / column_medians[where[g]]
+            for a in range(start + 1, stop):
+                cur = src_i[a]
+                b = a - 1
+                while b >= start:
+                    prev = src_i[b]
+                    if scores[prev] > scores[cur] or (scores[prev] == scores[cur] and tokens[prev] < tokens[cur]):
+                        break
+                    src_i[b + 1] = prev
+                    b -= 1
+                src_i[b + 1] = cur
         start = stop
     return src_i, n
 
 
 @numba.njit(cache=True, parallel=True)
 def rank_matrix(
-    indptr, data, indices, column_tokens, column_medians, column_shared, n_counts, have_counts, target_sum, limit,
+    indptr, data, indices, column_tokens, column_medians, column_inverse, column_shared, n_counts, have_counts,
+    target_sum, limit,
     offsets, special, cls_id, eos_id, out, written, bad, n_blocks, max_row, vocab_size,
 ):
     """Geneformer rank value tokens of a whole in-memory CSR matrix, cells in ``n_blocks`` parallel
@@ -522,7 +556,8 @@ def rank_matrix(
 
     ``n_counts[r]`` is the cell's total (``have_counts``) or the sum of its stored values.
     ``column_medians`` holds each column's gene median, followed by the medians of the tokens of
-    ``column_shared`` columns at ``-1 - token``; the counts of columns sharing a token are summed.
+    ``column_shared`` columns at ``-1 - token`` (``column_inverse``: their inverses); the counts of
+    columns sharing a token are summed.
     Token ids are below ``vocab_size``. ``bad[r]``: 1 negative or non-finite value, 2 a value that is not a whole
     number, 3 expressed genes with a total <= 0 (the cell's output is then meaningless).
     """
@@ -532,8 +567,11 @@ def rank_matrix(
         r0 = block * n_rows // n_blocks
         r1 = (block + 1) * n_rows // n_blocks
         width = max(max_row, 1)
-        scores = np.empty(width, dtype=np.float64)
+        values = np.empty(width, dtype=np.float64)
+        where = np.empty(width, dtype=np.int64)
         tokens = np.empty(width, dtype=np.int64)
+        scores = np.empty(width, dtype=np.float64)
+        fine = np.empty(width, dtype=np.uint32)
         keys = np.empty(width, dtype=np.uint32)
         spare_keys = np.empty(width, dtype=np.uint32)
         order = np.empty(width, dtype=np.int64)
@@ -562,9 +600,9 @@ def rank_matrix(
                 bad[row] = 2
                 continue
             cell_total = n_counts[row] if have_counts else total
-            ranked, n = _rank_row(lo, hi, data, indices, column_tokens, column_medians, column_shared, cell_total,
-                                  target_sum, summed, fbox, ubox, scores, tokens, keys, spare_keys, order,
-                                  spare_order, counts)
+            ranked, n = _rank_row(lo, hi, data, indices, column_tokens, column_medians, column_inverse,
+                                  column_shared, cell_total, target_sum, summed, fbox, ubox, values, where, tokens,
+                                  scores, fine, keys, spare_keys, order, spare_order, counts)
             if n > 0 and not cell_total > 0:
                 bad[row] = 3
                 continue

@@ -181,9 +181,16 @@ class BinnedTokenizer(ChunkTokenizer):
         n_rows = matrix.shape[0]
         extra = 1 if self.append_cls else 0
         limit = self._gene_limit()
-        # reserve room for every stored entry (capped at max_len); unmatched genes and stored zeros
-        # leave gaps that one compaction pass removes
-        reserved = np.diff(matrix.indptr).astype(np.int64)
+        threads = max(1, min(self.n_jobs, numba.config.NUMBA_NUM_THREADS))
+        lengths = np.diff(matrix.indptr).astype(np.int64)
+        if np.any(plan.colmap < 0):  # unmatched genes: count what each cell keeps (touching fresh
+            # output memory costs more than this pass; stored zeros, rare, leave gaps compacted below)
+            reserved = np.empty(n_rows, dtype=np.int64)
+            _compiled.kept_lengths(matrix.indptr, matrix.data, matrix.indices, column_tokens,
+                                   np.zeros(column_tokens.size, dtype=np.bool_), 1, int(lengths.max(initial=0)),
+                                   min(n_rows, threads * 4), reserved)
+        else:
+            reserved = lengths.copy()
         if limit is not None:
             np.minimum(reserved, limit, out=reserved)
         offsets = np.zeros(n_rows + 1, dtype=np.int64)
@@ -193,7 +200,6 @@ class BinnedTokenizer(ChunkTokenizer):
         written = np.zeros(n_rows, dtype=np.int64)
         bad = np.zeros(n_rows, dtype=np.int8)
         edges = np.empty((n_rows, self.n_bins - 1), dtype=np.float64)
-        threads = max(1, min(self.n_jobs, numba.config.NUMBA_NUM_THREADS))
         previous = numba.get_num_threads()
         numba.set_num_threads(threads)
         try:
@@ -202,7 +208,7 @@ class BinnedTokenizer(ChunkTokenizer):
                 np.uint64(K.hash_salt(self.seed, _SUBSAMPLE_STREAM)),
                 np.iinfo(np.int64).max if limit is None else int(limit), offsets, self.append_cls,
                 -1 if self.cls_id is None else self.cls_id, self.cls_value, value_out, gene_out, edges,
-                min(n_rows, threads * 4), int(np.diff(matrix.indptr).max(initial=0)), written, bad,
+                min(n_rows, threads * 4), int(lengths.max(initial=0)), written, bad,
             )
         finally:
             numba.set_num_threads(previous)

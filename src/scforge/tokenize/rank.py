@@ -175,7 +175,8 @@ class RankValueTokenizer(ChunkTokenizer):
             written = np.empty(n_rows, dtype=np.int64)
             bad = np.empty(n_rows, dtype=np.int8)
             _compiled.rank_matrix(
-                matrix.indptr, matrix.data, matrix.indices, column_tokens, column_medians, column_shared, n_counts,
+                matrix.indptr, matrix.data, matrix.indices, column_tokens, column_medians, 1.0 / column_medians,
+                column_shared, n_counts,
                 column is not None, self.target_sum, limit, offsets, self.special_tokens,
                 -1 if self.cls_id is None else self.cls_id, -1 if self.eos_id is None else self.eos_id, out,
                 written, bad, n_blocks, max_row, len(self.vocab),
