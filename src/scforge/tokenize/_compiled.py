@@ -432,6 +432,13 @@ def rank_chunk(
         out_lengths[row] = k
 
 
+@numba.njit(cache=True, inline="always")
+def _descending_key(x, fbox, ubox) -> np.uint32:
+    """The upper 32 bits of a positive float64, complemented: ascending keys, descending values."""
+    fbox[0] = x
+    return np.uint32(~(ubox[0] >> np.uint64(32)) & np.uint64(0xFFFFFFFF))
+
+
 @numba.njit(cache=True, nogil=True)
 def _rank_row(lo, hi, data, indices, column_tokens, column_medians, column_inverse, column_shared, n_counts,
               target_sum, summed, fbox, ubox, values, where, tokens, scores, fine, keys, spare_keys, order,
@@ -464,8 +471,7 @@ def _rank_row(lo, hi, data, indices, column_tokens, column_medians, column_inver
                     n_shared += 1
                 summed[token] += v
             else:
-                fbox[0] = v * column_inverse[col]
-                key = np.uint32(~(ubox[0] >> np.uint64(32)) & np.uint64(0xFFFFFFFF))
+                key = _descending_key(v * column_inverse[col], fbox, ubox)
                 keys[n] = key
                 low = min(low, key)
                 high = max(high, key)
@@ -478,8 +484,7 @@ def _rank_row(lo, hi, data, indices, column_tokens, column_medians, column_inver
         token = spare_order[j]
         values[n] = summed[token]
         where[n] = column_medians.size - 1 - token
-        fbox[0] = values[n] * column_inverse[where[n]]
-        key = np.uint32(~(ubox[0] >> np.uint64(32)) & np.uint64(0xFFFFFFFF))
+        key = _descending_key(values[n] * column_inverse[where[n]], fbox, ubox)
         keys[n] = key
         low = min(low, key)
         high = max(high, key)
