@@ -176,19 +176,18 @@ class RankValueTokenizer(ChunkTokenizer):
             bad = np.empty(n_rows, dtype=np.int8)
             _compiled.rank_matrix(
                 matrix.indptr, matrix.data, matrix.indices, column_tokens, column_medians, 1.0 / column_medians,
-                column_shared, n_counts,
-                column is not None, self.target_sum, limit, offsets, self.special_tokens,
-                -1 if self.cls_id is None else self.cls_id, -1 if self.eos_id is None else self.eos_id, out,
-                written, bad, n_blocks, max_row, len(self.vocab),
+                column_shared, n_counts, column is not None, self.target_sum, limit, offsets,
+                self.special_tokens, -1 if self.cls_id is None else self.cls_id,
+                -1 if self.eos_id is None else self.eos_id, out, written, bad, n_blocks, max_row, len(self.vocab),
             )
         finally:
             numba.set_num_threads(previous)
         if bad.any():  # the chunk path raises the precise error for the first offending cell
             first = int(np.flatnonzero(bad)[0])
             self._tokenize_chunk(source, plan, first, first + 1, sp.csr_matrix(matrix[first : first + 1]))
-            raise AssertionError("unreachable: the chunk path accepted a cell the compiled path refused")
+            return None  # the chunk path accepts the cell: let it tokenize everything
         self._warn_empty_cells(written, 0, "<cls> <eos> only" if self.special_tokens else "an empty sequence")
-        if not np.array_equal(written + n_special, reserved):  # only a refused cell writes less
+        if not np.array_equal(written + n_special, reserved):  # a safety net: the kernel writes what was counted
             offsets, out = compact(offsets, written + n_special, out, n_jobs=threads)
         return TokenizedCells(
             offsets=offsets, gene_ids=out, values=None, obs_names=source.obs_names_range(0, n_rows),
