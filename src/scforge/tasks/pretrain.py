@@ -56,6 +56,16 @@ def _new_model(vocab: GeneVocab, d_model: int, n_layers: int, n_heads: int, d_hi
                      max_seq_len=max_length, do_mvc=True, use_generative=objective == "generative")
 
 
+def _recipe(objective: str, mask_ratio: tuple[float, ...] | float, lr: float, warmup_steps: int) -> dict[str, Any]:
+    """The objectives, corruption and optimiser of scGPT pretraining, shared by both entry points."""
+    ratio = tuple(mask_ratio) if isinstance(mask_ratio, (tuple, list)) else float(mask_ratio)
+    return {
+        "objectives": Objectives(gep=True, mvc=True),
+        "corruption": Corruption(objective, ratio),
+        "optim": OptimConfig(lr=lr, warmup_steps=warmup_steps, schedule="cosine", min_lr_ratio=0.05),
+    }
+
+
 def pretrain(
     data: Any,
     *,
@@ -100,12 +110,8 @@ def pretrain(
     if keep.size < cells.n_cells:
         logger.info("pretrain: %d cells with fewer than 2 vocabulary genes left out", cells.n_cells - keep.size)
         cells = cells.select(keep)
-    ratio = tuple(mask_ratio) if isinstance(mask_ratio, (tuple, list)) else float(mask_ratio)
     result = fit(
-        model.module, cells,
-        objectives=Objectives(gep=True, mvc=True),
-        corruption=Corruption(objective, ratio),
-        optim=OptimConfig(lr=lr, warmup_steps=warmup_steps, schedule="cosine", min_lr_ratio=0.05),
+        model.module, cells, **_recipe(objective, mask_ratio, lr, warmup_steps),
         config=TrainConfig(max_epochs=epochs, max_steps=max_steps, batch_size=batch_size, val_fraction=val_fraction,
                            seed=seed, checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
                            log_dir=None if log_dir is None else str(log_dir), precision=precision, progress=progress),
@@ -174,11 +180,9 @@ def pretrain_stream(
                          f"(vocab, max_length={max_length}) (`scforge shard --for-pretraining --max-len "
                          f"{max_length}`) and the same vocabulary.") from err
     model = _new_model(vocab, d_model, n_layers, n_heads, d_hid, dropout, max_length, objective)
-    ratio = tuple(mask_ratio) if isinstance(mask_ratio, (tuple, list)) else float(mask_ratio)
     result = fit_stream(
         model.module, train, val=val, num_workers=num_workers, resume_from=resume_from,
-        objectives=Objectives(gep=True, mvc=True), corruption=Corruption(objective, ratio),
-        optim=OptimConfig(lr=lr, warmup_steps=warmup_steps, schedule="cosine", min_lr_ratio=0.05),
+        **_recipe(objective, mask_ratio, lr, warmup_steps),
         config=TrainConfig(max_epochs=epochs, max_steps=max_steps, seed=seed, val_fraction=0.0, devices=devices,
                            num_nodes=num_nodes, strategy=strategy, accelerator=accelerator,
                            checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),

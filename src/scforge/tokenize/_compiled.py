@@ -385,53 +385,6 @@ def bin_matrix(
                     pos += 1
 
 
-@numba.njit(cache=True, parallel=True)
-def rank_chunk(
-    indptr: np.ndarray,
-    data: np.ndarray,
-    tokens: np.ndarray,
-    n_counts: np.ndarray,
-    medians: np.ndarray,
-    target_sum: float,
-    limit: int,
-    out_lengths: np.ndarray,
-    out_order: np.ndarray,
-) -> None:
-    """Geneformer rank value order of every cell of a CSR chunk (rows in parallel).
-
-    Score ``data / n_counts * target_sum / median[token]`` in float64; entries of each row sorted by
-    score descending, equal scores by ascending token id (whatever the entry order). Writes the
-    first ``limit`` entry indices of row ``r`` to ``out_order[indptr[r]:]`` and their number to
-    ``out_lengths[r]``.
-    """
-    n_rows = indptr.size - 1
-    for row in numba.prange(n_rows):
-        lo = indptr[row]
-        hi = indptr[row + 1]
-        n = hi - lo
-        neg = np.empty(n, dtype=np.float64)
-        for i in range(n):
-            neg[i] = -(np.float64(data[lo + i]) / n_counts[row] * target_sum / medians[tokens[lo + i]])
-        order = np.argsort(neg)  # quicksort; runs of equal scores are put in token order below
-        start = 0
-        while start < n:
-            stop = start + 1
-            while stop < n and neg[order[stop]] == neg[order[start]]:
-                stop += 1
-            for a in range(start + 1, stop):  # insertion sort of a tie run (runs are short)
-                cur = order[a]
-                b = a - 1
-                while b >= start and tokens[lo + order[b]] > tokens[lo + cur]:
-                    order[b + 1] = order[b]
-                    b -= 1
-                order[b + 1] = cur
-            start = stop
-        k = min(n, limit)
-        for i in range(k):
-            out_order[lo + i] = lo + order[i]
-        out_lengths[row] = k
-
-
 @numba.njit(cache=True, inline="always")
 def _descending_key(x, fbox, ubox) -> np.uint32:
     """The upper 32 bits of a positive float64, complemented: ascending keys, descending values."""

@@ -132,18 +132,24 @@ class RankValueTokenizer(ChunkTokenizer):
     def _tokenize_whole(self, source: ExpressionSource, plan: GenePlan) -> TokenizedCells | None:
         """In-memory CSR: one parallel compiled call over all cells, straight into the output."""
         matrix = source.matrix
-        if not (
-            USE_COMPILED and sp.issparse(matrix) and matrix.format == "csr" and matrix.has_canonical_format
-            and matrix.dtype.kind in "fiu"
-        ):
+        if not (USE_COMPILED and sp.issparse(matrix) and matrix.format == "csr" and matrix.has_canonical_format
+                and _compiled_dtype(matrix)):
             return None
+        column = source.obs_column(self.n_counts_key) if self.n_counts_key is not None else None
+        n_counts = None if column is None else np.asarray(column, dtype=np.float64)
+        return self._rank_compiled(source, plan, matrix, 0, n_counts, self.n_jobs)
+
+    def _rank_compiled(
+        self, source: ExpressionSource, plan: GenePlan, csr: sp.csr_matrix, lo: int, n_counts: np.ndarray | None,
+        n_jobs: int,
+    ) -> TokenizedCells | None:
+        """Rank the cells of a canonical CSR block (cells ``lo``...) in one compiled call, straight into an
+        output sized exactly beforehand; None when a cell is refused here but not by the NumPy path."""
         import numba
 
         from scforge.tokenize import _compiled
 
-        n_rows = matrix.shape[0]
-        column = source.obs_column(self.n_counts_key) if self.n_counts_key is not None else None
-        n_counts = np.zeros(0) if column is None else np.asarray(column, dtype=np.float64)
+        n_rows = csr.shape[0]
         column_tokens = np.where(plan.colmap >= 0, plan.out_tokens[np.maximum(plan.colmap, 0)], -1)
         matched = column_tokens[column_tokens >= 0]
         # columns whose token another column shares are summed in the kernel; their medians follow
@@ -157,16 +163,15 @@ class RankValueTokenizer(ChunkTokenizer):
         ])
         n_special = 2 if self.special_tokens else 0
         limit = self.model_input_size - n_special
-        lengths = np.diff(matrix.indptr)
-        max_row = int(lengths.max(initial=0))
-        threads = max(1, min(self.n_jobs, numba.config.NUMBA_NUM_THREADS))
-        n_blocks = min(n_rows, threads * 4)
+        max_row = int(np.diff(csr.indptr).max(initial=0))
+        threads = max(1, min(n_jobs, numba.config.NUMBA_NUM_THREADS))
+        n_blocks = max(1, min(n_rows, threads * 4))
         previous = numba.get_num_threads()
         numba.set_num_threads(threads)
         try:
             # exact lengths first: fresh memory is costly to touch, so the output is allocated once
             kept = np.empty(n_rows, dtype=np.int64)
-            _compiled.kept_lengths(matrix.indptr, matrix.data, matrix.indices, column_tokens, column_shared,
+            _compiled.kept_lengths(csr.indptr, csr.data, csr.indices, column_tokens, column_shared,
                                    len(self.vocab), max_row, n_blocks, kept)
             reserved = np.minimum(kept, limit) + n_special
             offsets = np.zeros(n_rows + 1, dtype=np.int64)
@@ -175,28 +180,43 @@ class RankValueTokenizer(ChunkTokenizer):
             written = np.empty(n_rows, dtype=np.int64)
             bad = np.empty(n_rows, dtype=np.int8)
             _compiled.rank_matrix(
-                matrix.indptr, matrix.data, matrix.indices, column_tokens, column_medians, 1.0 / column_medians,
-                column_shared, n_counts, column is not None, self.target_sum, limit, offsets,
-                self.special_tokens, -1 if self.cls_id is None else self.cls_id,
+                csr.indptr, csr.data, csr.indices, column_tokens, column_medians, 1.0 / column_medians,
+                column_shared, np.zeros(0) if n_counts is None else n_counts, n_counts is not None,
+                self.target_sum, limit, offsets, self.special_tokens, -1 if self.cls_id is None else self.cls_id,
                 -1 if self.eos_id is None else self.eos_id, out, written, bad, n_blocks, max_row, len(self.vocab),
             )
         finally:
             numba.set_num_threads(previous)
-        if bad.any():  # the chunk path raises the precise error for the first offending cell
-            first = int(np.flatnonzero(bad)[0])
-            self._tokenize_chunk(source, plan, first, first + 1, sp.csr_matrix(matrix[first : first + 1]))
-            return None  # the chunk path accepts the cell: let it tokenize everything
-        self._warn_empty_cells(written, 0, "<cls> <eos> only" if self.special_tokens else "an empty sequence")
+        if bad.any():  # the NumPy path raises the precise error for the first offending cell
+            r = int(np.flatnonzero(bad)[0])
+            self._rank_numpy(source, plan, lo + r, lo + r + 1, sp.csr_matrix(csr[r : r + 1]))
+            return None  # the NumPy path accepts the cell: let it tokenize everything
+        self._warn_empty_cells(written, lo, "<cls> <eos> only" if self.special_tokens else "an empty sequence")
         if not np.array_equal(written + n_special, reserved):  # a safety net: the kernel writes what was counted
             offsets, out = compact(offsets, written + n_special, out, n_jobs=threads)
         return TokenizedCells(
-            offsets=offsets, gene_ids=out, values=None, obs_names=source.obs_names_range(0, n_rows),
+            offsets=offsets, gene_ids=out, values=None, obs_names=source.obs_names_range(lo, lo + n_rows),
             meta=self.settings(),
         )
 
     def _tokenize_chunk(
         self, source: ExpressionSource, plan: GenePlan, lo: int, hi: int, csr: sp.csr_matrix
     ) -> TokenizedCells:
+        if USE_COMPILED and _compiled_dtype(csr):  # chunks already run in parallel threads: one thread each
+            if not csr.has_canonical_format:
+                csr = csr.copy()  # never the caller's matrix
+                csr.sum_duplicates()
+            column = source.obs_column(self.n_counts_key) if self.n_counts_key is not None else None
+            n_counts = None if column is None else np.asarray(column[lo:hi], dtype=np.float64)
+            ranked = self._rank_compiled(source, plan, csr, lo, n_counts, 1)
+            if ranked is not None:
+                return ranked
+        return self._rank_numpy(source, plan, lo, hi, csr)
+
+    def _rank_numpy(
+        self, source: ExpressionSource, plan: GenePlan, lo: int, hi: int, csr: sp.csr_matrix
+    ) -> TokenizedCells:
+        """The NumPy path (the readable reference of the compiled one; it also words the errors)."""
         check_values(csr, source.where, (lo, hi))
         require_counts(csr, source.where, (lo, hi))
         column = source.obs_column(self.n_counts_key) if self.n_counts_key is not None else None
@@ -248,14 +268,6 @@ class RankValueTokenizer(ChunkTokenizer):
         token id, whatever the order of the entries.
         """
         lengths = np.diff(m.indptr)
-        if USE_COMPILED:
-            from scforge.tokenize import _compiled
-
-            order = np.empty(m.data.size, dtype=np.int64)
-            kept = np.empty(lengths.size, dtype=np.int64)
-            _compiled.rank_chunk(m.indptr, m.data, tokens, n_counts, self._medians, self.target_sum, limit, kept, order)
-            keep = (np.arange(m.data.size, dtype=np.int64) - np.repeat(m.indptr[:-1].astype(np.int64), lengths)) < np.repeat(kept, lengths)
-            return tokens[order[keep]], kept
         rows = K.row_index(m.indptr)
         x = m.data.astype(np.float64) / np.repeat(n_counts, lengths) * self.target_sum / self._medians[tokens]
         order = np.lexsort((tokens, -x, rows))  # equal scores: ascending token id
@@ -263,3 +275,7 @@ class RankValueTokenizer(ChunkTokenizer):
         keep = rank < limit
         return tokens[order][keep], np.minimum(lengths, limit)
 
+
+def _compiled_dtype(csr: sp.csr_matrix) -> bool:
+    """Whether the compiled kernels take this matrix's values (integers, float32 and float64)."""
+    return csr.dtype.kind in "iu" or csr.dtype in (np.float32, np.float64)
