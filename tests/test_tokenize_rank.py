@@ -193,3 +193,23 @@ def test_whole_matrix_kernel_equals_chunk_and_numpy_paths(ifnb_small, shared_dat
         assert np.array_equal(whole.offsets, other.offsets)
         assert np.array_equal(whole.gene_ids, other.gene_ids)
     assert whole.lengths.max() <= size
+
+
+@pytest.mark.parametrize("extra_index_bits,compiled", [(0, True), (40, True), (41, False)])
+def test_packed_entry_layout_keeps_the_exact_order(ifnb_small, shared_data, monkeypatch, extra_index_bits, compiled):
+    """Wider index fields leave the compiled sort fewer key bits (24 at the limit of 40): the order stays
+    exact; past the limit the NumPy path ranks the cells, with the same result."""
+    from scforge.matrix import as_source
+    from scforge.tokenize import rank
+
+    d = load_geneformer_dictionaries(shared_data / "genes" / "geneformer_v2_gc95M")
+    data = ifnb_small[:300].copy()
+    expected = RankValueTokenizer(d).tokenize(data)
+    layout = rank._entry_layout
+    monkeypatch.setattr(rank, "_entry_layout", lambda max_row, vocab: (
+        max(layout(max_row, vocab)[0], extra_index_bits - layout(max_row, vocab)[1]), layout(max_row, vocab)[1]))
+    tok = RankValueTokenizer(d)
+    source = as_source(data)
+    assert (tok._tokenize_whole(source, tok._plan(source, None)) is not None) == compiled
+    got = tok.tokenize(data)
+    assert np.array_equal(got.offsets, expected.offsets) and np.array_equal(got.gene_ids, expected.gene_ids)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from numba import types
+from numba.extending import intrinsic
 
 _HIST_LIMIT = 1 << 16  # largest count handled by the counting path
 
@@ -385,128 +387,185 @@ def bin_matrix(
                     pos += 1
 
 
+@intrinsic
+def _float64_bits(typingctx, x):
+    """The bits of a float64 as a uint64 (a register move, no memory round trip)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.uint64))
+    return types.uint64(types.float64), codegen
+
+
 @numba.njit(cache=True, inline="always")
-def _descending_key(x, fbox, ubox) -> np.uint32:
-    """The upper 32 bits of a positive float64, complemented: ascending keys, descending values."""
-    fbox[0] = x
-    return np.uint32(~(ubox[0] >> np.uint64(32)) & np.uint64(0xFFFFFFFF))
+def _descending_key(x, key_bits) -> np.uint64:
+    """The upper ``key_bits`` bits of a positive float64, complemented: ascending keys, descending values."""
+    return ~(_float64_bits(np.float64(x)) >> np.uint64(64 - key_bits)) & ((np.uint64(1) << np.uint64(key_bits)) - np.uint64(1))
+
+
+@numba.njit(cache=True, fastmath={"reassoc"})
+def _row_stats(data, lo, hi):
+    """(all of ``data[lo:hi]`` finite and >= 0, all whole numbers, their sum). The sum may be taken in any
+    order, which is exact for whole numbers below 2**53, the only rows whose sum is used; it vectorises."""
+    not_finite = False
+    not_whole = False
+    total = 0.0
+    for i in range(lo, hi):
+        v = data[i]
+        not_finite |= not ((v >= 0) & (v < np.inf))
+        not_whole |= np.floor(v) != v
+        total += v
+    return not not_finite, not not_whole, total
+
+
+@numba.njit(cache=True, inline="always")
+def _entry_value(x, index_bits, lo, span, data, indices, shared_values, shared_where):
+    """(value, median column) of a packed entry: its low ``index_bits`` bits index the row's stored entries,
+    or, from ``span`` on, the summed genes of shared tokens."""
+    idx = np.int64(x & ((np.uint64(1) << np.uint64(index_bits)) - np.uint64(1)))
+    if idx < span:
+        return np.float64(data[lo + idx]), np.int64(indices[lo + idx])
+    return shared_values[idx - span], shared_where[idx - span]
+
+
+@numba.njit(cache=True, inline="always")
+def _entry_token(x, index_bits, token_mask):
+    """The token of a packed entry."""
+    return np.int64((x >> np.uint64(index_bits)) & token_mask)
 
 
 @numba.njit(cache=True, nogil=True)
-def _rank_row(lo, hi, data, indices, column_tokens, column_medians, column_inverse, column_shared, n_counts,
-              target_sum, summed, fbox, ubox, values, where, tokens, scores, fine, keys, spare_keys, order,
-              spare_order, counts):
-    """Geneformer order of one cell: its expressed, matched genes sorted by score
-    ``count / n_counts * target_sum / median`` descending, equal scores by ascending token. Fills
-    ``tokens[:n]`` and returns ``(idx, n)``, ``idx[:n]`` the genes in rank order. Columns flagged
-    in ``column_shared`` share their token with another column; their counts are summed first in
-    ``summed`` (indexed by token; all zeros between calls).
+def _rank_row(lo, hi, data, indices, column_tokens, column_medians, column_inverse, column_shared, any_shared,
+              summed, shared_values, shared_where, shared_tokens, packed, spare, counts, index_bits, key_shift,
+              key_bits):
+    """Geneformer order of one cell, up to near-ties: its expressed, matched genes sorted by key (see
+    below), which ``_write_ranked`` turns into the exact order (score ``count / n_counts * target_sum /
+    median`` descending, equal scores by ascending token). Returns ``(entries, n)``: ``entries[:n]``, each
+    packed as ``key << key_shift | token << index_bits | index`` (see ``_entry_value``). Columns flagged in
+    ``column_shared`` share their token with another column; their counts are summed first in ``summed``
+    (indexed by token; all zeros between calls).
 
-    Sort: a stable byte-wise radix sort on 16-bit keys: the upper 32 bits of each gene's ``count /
-    median`` (the cell's constant factors do not change the order; positive floats order like their
-    bits), complemented for descending order, less the cell's smallest, scaled to 16 bits; then an
-    insertion pass on the full 32-bit keys (the radix sort left only equal 16-bit keys unordered).
-    Genes whose 32-bit keys differ by 2 or more differ by far more than rounding, so their order is
-    certain; runs of equal or consecutive keys get exact scores, computed for them alone.
+    Sort: a stable byte-wise radix sort on 16-bit keys: the upper ``key_bits`` (at most 32) bits of each
+    gene's ``count / median`` (the cell's constant factors do not change the order; positive floats order
+    like their bits), complemented for descending order, less the cell's smallest, scaled to 16 bits; then
+    an insertion pass on the packed entries (the radix sort left only equal 16-bit keys unordered).
+    Genes whose full keys differ by 2 or more differ by far more than rounding, so their order is
+    certain; runs of equal or consecutive keys get exact scores in ``_write_ranked``.
     """
     n = 0
     n_shared = 0
-    low = np.uint32(0xFFFFFFFF)
-    high = np.uint32(0)
-    for i in range(lo, hi):
+    low = (np.uint64(1) << np.uint64(key_bits)) - np.uint64(1)
+    high = np.uint64(0)
+    span = hi - lo
+    if not any_shared:  # the common case, without the shared-column test
+        for i in range(lo, hi):
+            v = data[i]
+            col = indices[i]
+            token = column_tokens[col]
+            if v != 0 and token >= 0:
+                key = _descending_key(v * column_inverse[col], key_bits)
+                packed[n] = (key << key_shift) | (np.uint64(token) << index_bits) | np.uint64(i - lo)
+                low = min(low, key)
+                high = max(high, key)
+                n += 1
+    for i in range(hi if not any_shared else lo, hi):
         v = data[i]
         col = indices[i]
         token = column_tokens[col]
         if v != 0 and token >= 0:
             if column_shared[col]:
                 if summed[token] == 0:
-                    spare_order[n_shared] = token  # scratch: the shared tokens met so far
+                    shared_tokens[n_shared] = token
                     n_shared += 1
                 summed[token] += v
             else:
-                key = _descending_key(v * column_inverse[col], fbox, ubox)
-                keys[n] = key
+                key = _descending_key(v * column_inverse[col], key_bits)
+                packed[n] = (key << key_shift) | (np.uint64(token) << index_bits) | np.uint64(i - lo)
                 low = min(low, key)
                 high = max(high, key)
-                values[n] = v
-                where[n] = col
-                tokens[n] = token
-                order[n] = n
                 n += 1
     for j in range(n_shared):
-        token = spare_order[j]
-        values[n] = summed[token]
-        where[n] = column_medians.size - 1 - token
-        key = _descending_key(values[n] * column_inverse[where[n]], fbox, ubox)
-        keys[n] = key
+        token = shared_tokens[j]
+        shared_values[j] = summed[token]
+        shared_where[j] = column_medians.size - 1 - token
+        summed[token] = 0.0
+        key = _descending_key(shared_values[j] * column_inverse[shared_where[j]], key_bits)
+        packed[n] = (key << key_shift) | (np.uint64(token) << index_bits) | np.uint64(span + j)
         low = min(low, key)
         high = max(high, key)
-        tokens[n] = token
-        order[n] = n
-        summed[token] = 0.0
         n += 1
+    if n < 2:
+        return packed, n
     top = 0  # bits of the cell's key range
-    while top < 32 and ((high - low) >> np.uint32(top)) != 0:
+    while top < key_bits and ((high - low) >> np.uint64(top)) != 0:
         top += 1
-    drop = np.uint32(max(0, top - 16))
-    for j in range(n):
-        fine[j] = keys[j] - low
-        keys[j] = fine[j] >> drop
-    src_k, dst_k, src_i, dst_i = keys, spare_keys, order, spare_order
-    for shift in range(0, 16, 8):
-        if ((high - low) >> drop) >> np.uint32(shift) == 0:
-            continue
-        counts[:] = 0
-        for j in range(n):
-            counts[(src_k[j] >> np.uint32(shift)) & np.uint32(0xFF)] += 1
+    drop = np.uint64(max(0, top - 16))
+    counts[:] = 0
+    for j in range(n):  # both digits' histograms in one pass
+        d = ((packed[j] >> key_shift) - low) >> drop
+        counts[d & np.uint64(0xFF)] += 1
+        counts[256 + ((d >> np.uint64(8)) & np.uint64(0xFF))] += 1
+    src, dst = packed, spare
+    for p in range(2 if top > 8 else 1):
+        base = 256 * p
+        shift = drop + np.uint64(8 * p)
         total = 0
-        for d in range(256):
+        for d in range(base, base + 256):
             c = counts[d]
             counts[d] = total
             total += c
         for j in range(n):
-            d = (src_k[j] >> np.uint32(shift)) & np.uint32(0xFF)
-            dst_k[counts[d]] = src_k[j]
-            dst_i[counts[d]] = src_i[j]
+            x = src[j]
+            d = base + ((((x >> key_shift) - low) >> shift) & np.uint64(0xFF))
+            dst[counts[d]] = x
             counts[d] += 1
-        src_k, dst_k = dst_k, src_k
-        src_i, dst_i = dst_i, src_i
-    if drop > 0:  # order by the full 32-bit keys: the radix sort left only equal 16-bit keys unsorted
+        src, dst = dst, src
+    if drop > 0:  # order by the full keys: the radix sort left only equal 16-bit keys unsorted
         for a in range(1, n):
-            cur = src_i[a]
+            cur = src[a]
             b = a - 1
-            while b >= 0 and fine[src_i[b]] > fine[cur]:
-                src_i[b + 1] = src_i[b]
+            while b >= 0 and src[b] > cur:
+                src[b + 1] = src[b]
                 b -= 1
-            src_i[b + 1] = cur
+            src[b + 1] = cur
+    return src, n
+
+
+@numba.njit(cache=True, inline="always")
+def _write_ranked(src, n, k, out, pos, lo, span, data, indices, column_medians, shared_values, shared_where,
+                  n_counts, target_sum, scores, run, run_entries, index_bits, key_shift, token_mask):
+    """Write the tokens of the first ``k`` of ``n`` entries sorted by key to ``out[pos:]``. Runs of equal or
+    consecutive keys are first put in the exact order: score descending, then token ascending."""
     start = 0
-    while start < n:  # runs of equal or consecutive keys: insertion sort by exact score, then token
-        stop = start + 1
-        while stop < n and fine[src_i[stop]] - fine[src_i[stop - 1]] <= np.uint32(1):
-            stop += 1
-        if stop - start > 1:
-            for a in range(start, stop):
-                g = src_i[a]
-                scores[g] = values[g] / n_counts * target_sum / column_medians[where[g]]
-            for a in range(start + 1, stop):
-                cur = src_i[a]
+    for stop in range(1, n + 1):
+        if stop < n and (src[stop] >> key_shift) - (src[stop - 1] >> key_shift) <= np.uint64(1):
+            continue
+        m = stop - start
+        if m > 1:
+            for a in range(m):
+                v, w = _entry_value(src[start + a], index_bits, lo, span, data, indices, shared_values, shared_where)
+                scores[a] = v / n_counts * target_sum / column_medians[w]
+                run[a] = _entry_token(src[start + a], index_bits, token_mask)
+                run_entries[a] = src[start + a]
+            for a in range(1, m):  # insertion sort of (score, token, entry) triples
+                sc, t, x = scores[a], run[a], run_entries[a]
                 b = a - 1
-                while b >= start:
-                    prev = src_i[b]
-                    if scores[prev] > scores[cur] or (scores[prev] == scores[cur] and tokens[prev] < tokens[cur]):
-                        break
-                    src_i[b + 1] = prev
+                while b >= 0 and (scores[b] < sc or (scores[b] == sc and run[b] > t)):
+                    scores[b + 1], run[b + 1], run_entries[b + 1] = scores[b], run[b], run_entries[b]
                     b -= 1
-                src_i[b + 1] = cur
+                scores[b + 1], run[b + 1], run_entries[b + 1] = sc, t, x
+            for a in range(min(m, k - start)):
+                out[pos + start + a] = run[a]
+        elif start < k:
+            out[pos + start] = _entry_token(src[start], index_bits, token_mask)
         start = stop
-    return src_i, n
+        if start >= k:
+            return
 
 
 @numba.njit(cache=True, parallel=True)
 def rank_matrix(
     indptr, data, indices, column_tokens, column_medians, column_inverse, column_shared, n_counts, have_counts,
     target_sum, limit,
-    offsets, special, cls_id, eos_id, out, written, bad, n_blocks, max_row, vocab_size,
+    offsets, special, cls_id, eos_id, out, written, bad, n_blocks, max_row, vocab_size, index_bits, token_bits,
 ):
     """Geneformer rank value tokens of a whole in-memory CSR matrix, cells in ``n_blocks`` parallel
     blocks, written straight into the ragged output at ``offsets`` (``<cls>`` first and ``<eos>``
@@ -516,51 +575,46 @@ def rank_matrix(
     ``column_medians`` holds each column's gene median, followed by the medians of the tokens of
     ``column_shared`` columns at ``-1 - token`` (``column_inverse``: their inverses); the counts of
     columns sharing a token are summed.
-    Token ids are below ``vocab_size``. ``bad[r]``: 1 negative or non-finite value, 2 a value that is not a whole
+    Token ids are below ``vocab_size`` and ``2 ** token_bits``; an entry's index within its row (shared tokens
+    counted after the row's entries) is below ``2 ** index_bits``; the two take at most 40 bits, and the
+    sort key the rest, at most 32. ``bad[r]``: 1 negative or non-finite value, 2 a value that is not a whole
     number, 3 expressed genes with a total <= 0 (the cell's output is then meaningless).
     """
     n_rows = indptr.size - 1
     shift = 1 if special else 0
+    any_shared = False
+    for c in range(column_shared.size):
+        any_shared |= column_shared[c]
+    key_shift = np.uint64(index_bits + token_bits)
+    key_bits = min(32, 64 - index_bits - token_bits)
+    token_mask = (np.uint64(1) << np.uint64(token_bits)) - np.uint64(1)
     for block in numba.prange(n_blocks):
         r0 = block * n_rows // n_blocks
         r1 = (block + 1) * n_rows // n_blocks
         width = max(max_row, 1)
-        values = np.empty(width, dtype=np.float64)
-        where = np.empty(width, dtype=np.int64)
-        tokens = np.empty(width, dtype=np.int64)
+        packed = np.empty(width, dtype=np.uint64)
+        spare = np.empty(width, dtype=np.uint64)
+        shared_values = np.empty(width, dtype=np.float64)
+        shared_where = np.empty(width, dtype=np.int64)
+        shared_tokens = np.empty(width, dtype=np.int64)
         scores = np.empty(width, dtype=np.float64)
-        fine = np.empty(width, dtype=np.uint32)
-        keys = np.empty(width, dtype=np.uint32)
-        spare_keys = np.empty(width, dtype=np.uint32)
-        order = np.empty(width, dtype=np.int64)
-        spare_order = np.empty(width, dtype=np.int64)
-        counts = np.empty(256, dtype=np.int64)
-        summed = np.zeros(vocab_size, dtype=np.float64)
-        fbox = np.empty(1, dtype=np.float64)
-        ubox = fbox.view(np.uint64)
+        run = np.empty(width, dtype=np.int64)
+        run_entries = np.empty(width, dtype=np.uint64)
+        counts = np.empty(512, dtype=np.int64)
+        summed = np.zeros(vocab_size if any_shared else 1, dtype=np.float64)
         for row in range(r0, r1):
             lo = indptr[row]
             hi = indptr[row + 1]
-            finite = True
-            whole = True
-            total = 0.0
-            for i in range(lo, hi):
-                v = data[i]
-                finite &= (v >= 0) & (v < np.inf)
-                whole &= np.floor(v) == v
-                total += v
             written[row] = 0
-            bad[row] = 0
-            if not finite:
-                bad[row] = 1
-                continue
-            if not whole:
-                bad[row] = 2
-                continue
+            finite, whole, total = _row_stats(data, lo, hi)
+            bad[row] = 0 if finite and whole else (1 if not finite else 2)
             cell_total = n_counts[row] if have_counts else total
+            if bad[row] != 0:
+                continue
             ranked, n = _rank_row(lo, hi, data, indices, column_tokens, column_medians, column_inverse,
-                                  column_shared, cell_total, target_sum, summed, fbox, ubox, values, where, tokens,
-                                  scores, fine, keys, spare_keys, order, spare_order, counts)
+                                  column_shared, any_shared, summed, shared_values,
+                                  shared_where, shared_tokens, packed, spare, counts, np.uint64(index_bits),
+                                  key_shift, key_bits)
             if n > 0 and not cell_total > 0:
                 bad[row] = 3
                 continue
@@ -569,8 +623,9 @@ def rank_matrix(
             if special:
                 out[pos] = cls_id
                 out[pos + shift + k] = eos_id
-            for j in range(k):
-                out[pos + shift + j] = tokens[ranked[j]]
+            _write_ranked(ranked, n, k, out, pos + shift, lo, hi - lo, data, indices, column_medians, shared_values,
+                          shared_where, cell_total, target_sum, scores, run, run_entries, index_bits, key_shift,
+                          token_mask)
             written[row] = k
 
 
@@ -595,11 +650,20 @@ def kept_lengths(indptr: np.ndarray, data: np.ndarray, indices: np.ndarray, colu
     column, columns flagged in ``column_shared`` counted once per token. Sizes outputs exactly, so
     kernels need no second, compacted copy."""
     n_rows = indptr.size - 1
+    any_shared = False
+    for c in range(column_shared.size):
+        any_shared |= column_shared[c]
+    kept_column = (column_tokens >= 0) & ~column_shared  # a small table: stays in the first-level cache
     for block in numba.prange(n_blocks):
-        seen = np.zeros(vocab_size, dtype=np.bool_)
+        seen = np.zeros(vocab_size if any_shared else 1, dtype=np.bool_)
         met = np.empty(max(1, max_row), dtype=np.int64)
         for row in range(block * n_rows // n_blocks, (block + 1) * n_rows // n_blocks):
             n = 0
+            if not any_shared:  # branch-free
+                for i in range(indptr[row], indptr[row + 1]):
+                    n += (data[i] != 0) & kept_column[indices[i]]
+                out[row] = n
+                continue
             n_met = 0
             for i in range(indptr[row], indptr[row + 1]):
                 col = indices[i]

@@ -150,7 +150,7 @@ class RankValueTokenizer(ChunkTokenizer):
         from scforge.tokenize import _compiled
 
         n_rows = csr.shape[0]
-        column_tokens = np.where(plan.colmap >= 0, plan.out_tokens[np.maximum(plan.colmap, 0)], -1)
+        column_tokens = np.where(plan.colmap >= 0, plan.out_tokens[np.maximum(plan.colmap, 0)], -1).astype(np.int32)
         matched = column_tokens[column_tokens >= 0]
         # columns whose token another column shares are summed in the kernel; their medians follow
         # the columns' own, at -1 - token
@@ -164,6 +164,9 @@ class RankValueTokenizer(ChunkTokenizer):
         n_special = 2 if self.special_tokens else 0
         limit = self.model_input_size - n_special
         max_row = int(np.diff(csr.indptr).max(initial=0))
+        index_bits, token_bits = _entry_layout(max_row, len(self.vocab))
+        if index_bits + token_bits > 40:  # sort keys would be too coarse: the NumPy path ranks such data
+            return None
         threads = max(1, min(n_jobs, numba.config.NUMBA_NUM_THREADS))
         n_blocks = max(1, min(n_rows, threads * 4))
         previous = numba.get_num_threads()
@@ -184,6 +187,7 @@ class RankValueTokenizer(ChunkTokenizer):
                 column_shared, np.zeros(0) if n_counts is None else n_counts, n_counts is not None,
                 self.target_sum, limit, offsets, self.special_tokens, -1 if self.cls_id is None else self.cls_id,
                 -1 if self.eos_id is None else self.eos_id, out, written, bad, n_blocks, max_row, len(self.vocab),
+                index_bits, token_bits,
             )
         finally:
             numba.set_num_threads(previous)
@@ -274,6 +278,12 @@ class RankValueTokenizer(ChunkTokenizer):
         rank = np.arange(order.size, dtype=np.int64) - np.repeat(m.indptr[:-1].astype(np.int64), lengths)
         keep = rank < limit
         return tokens[order][keep], np.minimum(lengths, limit)
+
+
+def _entry_layout(max_row: int, vocab_size: int) -> tuple[int, int]:
+    """Bits of a packed entry of the compiled ranker for its index within the cell (shared tokens come after
+    the cell's stored entries, so below ``2 * max_row``) and for its token; the sort key gets the rest."""
+    return max(1, (2 * max_row).bit_length()), max(1, (vocab_size - 1).bit_length())
 
 
 def _compiled_dtype(csr: sp.csr_matrix) -> bool:
