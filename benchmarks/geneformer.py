@@ -1,7 +1,7 @@
 """Geneformer benchmark: rank-value tokenization and embedding throughput against reference paths.
 
-    python benchmarks/geneformer.py            # 14k ifnb cells tokenized (5 rounds), 1,000 embedded (3 rounds)
-    python benchmarks/geneformer.py --quick    # 2,000 / 64 cells, 2 rounds (under a minute on 2 idle cores)
+    python benchmarks/geneformer.py            # 14k ifnb cells tokenized (5 rounds), 128 embedded (32 in bf16; 3 rounds)
+    python benchmarks/geneformer.py --quick    # 2,000 / 16 cells (2 in bf16), 2 rounds (under a minute on 2 idle cores)
     python benchmarks/geneformer.py --tokenize-only   # part (a) alone
 
 (a) Tokenization: scforge's ``RankValueTokenizer`` (V1 dictionaries, end to end from the AnnData) against
@@ -30,6 +30,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 import argparse  # noqa: E402
+import copy  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -187,12 +188,12 @@ def main() -> None:
         model = Geneformer.from_published(tmp)
     bert = hf.bert
     assert bert.config._attn_implementation == "sdpa"
-    n_emb = 64 if args.quick else 1000
+    n_emb = 16 if args.quick else 128
     cells = model.tokenize(adata[n_tok - n_emb: n_tok].copy() if n_tok >= n_emb else adata[:n_emb].copy())
     batch = 32
     order = np.argsort(-cells.lengths, kind="stable")
 
-    def run_hf(hidden):
+    def run_hf(hidden, cells=cells, order=order):
         """transformers on length-sorted padded batches; ``hidden(ids, mask)`` gives the states to pool
         (mean over each cell's genes)."""
         out = np.zeros((cells.n_cells, config.hidden_size), dtype=np.float32)
@@ -202,7 +203,7 @@ def main() -> None:
                 idx = order[s:s + batch]
                 b = cells.pad(idx)
                 mask = (~b["padding_mask"]).long()
-                h = hidden(b["genes"], mask)
+                h = hidden(b["genes"], mask).float()
                 out[idx] = ((h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)).numpy()
         return time.perf_counter() - t0, out
 
@@ -229,6 +230,30 @@ def main() -> None:
         times["fp32_penultimate"].append(t)
     diff = float(max(np.abs(ref_emb - our_emb).max(), np.abs(ref_pen - our_pen).max()))
     assert diff < 1e-4, diff
+
+    # bf16, on fewer cells (every k-th by length): this CPU has no native bf16, so both sides are slower than in
+    # fp32. transformers runs its bf16 weights (SDPA); scforge runs precision="bf16".
+    n_bf16 = 2 if args.quick else 32
+    bf_pick = order[:: max(1, order.size // n_bf16)][:n_bf16]
+    bf_cells = cells.select(list(bf_pick))
+    bf_order = np.argsort(-bf_cells.lengths, kind="stable")
+    bert_bf16 = copy.deepcopy(bert).to(torch.bfloat16)
+
+    def backbone_bf16(ids, mask):
+        return bert_bf16(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    for _ in range(rounds):
+        t, ref_bf16 = run_hf(backbone_bf16, bf_cells, bf_order)
+        times.setdefault("hf_bf16", []).append(t)
+        t0 = time.perf_counter()
+        our_bf16 = model.embed_cells(bf_cells, emb_layer=0, batch_size=batch, precision="bf16", device="cpu")
+        times.setdefault("bf16", []).append(time.perf_counter() - t0)
+
+    def cosine(a, b):
+        return float(np.min(np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)))
+
+    fp32_ref = ref_emb[bf_pick]
+    cos_ours, cos_hf = cosine(our_bf16, fp32_ref), cosine(ref_bf16, fp32_ref)
     med = {k: statistics.median(v) for k, v in times.items()}
     n = cells.n_cells
     print(f"embed {n} cells (lengths {int(cells.lengths.min())}..{int(cells.lengths.max())}, mean "
@@ -240,8 +265,13 @@ def main() -> None:
           f"({med['hf'] / med['fp32_penultimate']:.2f}x)")
     print(f"  transformers BertForMaskedLM as EmbExtractor runs it (hidden states, penultimate): "
           f"{n / med['hf_extractor']:8.1f} cells/s; scforge emb_layer=-1 is {med['hf_extractor'] / med['fp32_penultimate']:.2f}x")
-    print("  bf16: not run (this CPU has no native bf16; scforge's precision='auto' picks fp32 here)")
+    nb = bf_cells.n_cells
+    print(f"  bf16 ({nb} cells, lengths {int(bf_cells.lengths.min())}..{int(bf_cells.lengths.max())}; no native bf16 on "
+          f"this CPU): transformers BertModel bf16 {nb / med['hf_bf16']:.1f} cells/s, scforge bf16 "
+          f"{nb / med['bf16']:.1f} cells/s ({med['hf_bf16'] / med['bf16']:.2f}x); lowest cosine to the fp32 "
+          f"embedding: scforge {cos_ours:.5f}, transformers {cos_hf:.5f}")
     print(f"RESULT geneformer {tokenize_result} embed_speedup={med['hf'] / med['fp32']:.2f} "
+          f"embed_speedup_bf16={med['hf_bf16'] / med['bf16']:.2f} "
           f"embed_speedup_penultimate={med['hf'] / med['fp32_penultimate']:.2f} "
           f"embed_speedup_vs_embextractor={med['hf_extractor'] / med['fp32_penultimate']:.2f} parity_max_abs_diff={diff:.1e}")
 

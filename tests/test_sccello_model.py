@@ -214,3 +214,48 @@ def test_model_module_shapes():
     assert out["cell_outputs"].shape == (1, 32) and m.vocab_outputs().shape == (25_427, 32)
     with pytest.raises(ConfigError):
         ScCelloConfig(cell_types=["CL:1", "CL:1"])
+
+
+def test_fine_tune_and_linear_probe_through_annotation_api(small, labelled, tmp_path):
+    """scCello in the annotation task: a fine-tuned head learns two real cell types, predictions survive
+    save/load, the caller's model is untouched; the linear probe reads the frozen cell embedding."""
+    from scforge.tasks.annotate import Annotator, fine_tune, linear_probe
+
+    _, cl_ids = labelled
+    model = tiny_model(sorted({t for t in cl_ids if t}))
+    keep = small.obs["seurat_annotations"].isin(["CD14 Mono", "B"]).to_numpy()
+    adata = small[keep].copy()
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    ann = fine_tune(model, adata, "seurat_annotations", epochs=6, batch_size=8, lr=3e-3, max_length=64,
+                    precision="fp32", progress=False, val_fraction=0.0, seed=0)
+    proba = ann.predict(adata, progress=False)
+    assert proba.shape == (adata.n_obs, 2)
+    np.testing.assert_allclose(proba.to_numpy().sum(1), 1, atol=1e-5)
+    truth = adata.obs["seurat_annotations"].astype(str).to_numpy()
+    assert (proba.idxmax(axis=1).to_numpy() == truth).mean() >= 0.9  # monocytes and B cells are easy
+    for k, v in model.module.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    backend = ann.model.annotation_backend()
+    assert backend.n_classes == 2 and backend.embedding_dim == TINY["hidden_size"]
+    assert "classifier.weight" in ann.model.module.state_dict()
+    ann.save(tmp_path / "ann")
+    again = Annotator.load(tmp_path / "ann")
+    np.testing.assert_allclose(again.predict(adata, progress=False).to_numpy(), proba.to_numpy(), atol=1e-6)
+
+    # the probe is logistic regression on the model's own frozen, L2-normalised cell embeddings
+    from sklearn.linear_model import LogisticRegression
+
+    probe = linear_probe(model, adata, "seurat_annotations", max_length=64, val_fraction=0.0, progress=False,
+                         precision="fp32", C=100.0)
+    emb = model.embed(adata, max_length=64, key_added=None, precision="fp32")
+    x = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    y = (truth == probe.classes[1]).astype(int)
+    expected = LogisticRegression(C=100.0, max_iter=1000, random_state=0).fit(x, y).predict_proba(x)
+    np.testing.assert_allclose(probe.predict(adata, progress=False).to_numpy(), expected, atol=1e-6)
+
+
+def test_classification_head_needs_two_classes():
+    with pytest.raises(ConfigError, match="num_labels"):
+        ScCello.new([], num_labels=1, **TINY)
+    with pytest.raises(ConfigError, match="at least 2 classes"):
+        tiny_model([]).annotation_backend().classifier_copy(1, 0, "test")

@@ -167,6 +167,13 @@ class ScCello:
                                  f"dictionary (e.g. {names}). Remove them, e.g. sc.pp.filter_cells(adata, min_genes=1).")
         return with_cls(cells, self.config.cls_token_id)
 
+    # ---- tasks -------------------------------------------------------------------------------
+    def annotation_backend(self):
+        """Backend for :func:`scforge.tasks.annotate.fine_tune` / ``linear_probe``."""
+        from scforge.models.sccello.annotation import ScCelloAnnotationBackend
+
+        return ScCelloAnnotationBackend(self)
+
     # ---- embeddings --------------------------------------------------------------------------
     def embed_cells(self, cells: TokenizedCells, *, batch_size: int = 64, device: Any = "auto",
                     precision: str = "auto", progress: bool = False) -> np.ndarray:

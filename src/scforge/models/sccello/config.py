@@ -19,7 +19,8 @@ class ScCelloConfig(DictConfig):
 
     ``cell_types``: the CL ids of the learned prototypes, in prototype order (scCello: about 600
     pre-training types). ``dictionaries``: the Geneformer V1 dictionaries used to tokenize (a
-    built-in name or a folder path)."""
+    built-in name or a folder path). ``num_labels``: classes of the cell classification head that
+    fine-tuning adds (a linear layer on the cell embedding); None without one."""
 
     vocab_size: int = SCCELLO_VOCAB_SIZE
     hidden_size: int = 256
@@ -37,6 +38,7 @@ class ScCelloConfig(DictConfig):
     tau: float = 0.01
     cell_types: list[str] = field(default_factory=list)
     dictionaries: str = "geneformer-v1"
+    num_labels: int | None = None  # width of the cell classification head (fine-tuned models only)
 
     def __post_init__(self) -> None:
         self.cell_types = [str(t) for t in self.cell_types]
@@ -46,6 +48,7 @@ class ScCelloConfig(DictConfig):
             (all(0 <= i < self.vocab_size for i in (self.pad_token_id, self.mask_token_id, self.cls_token_id)),
              "pad/mask/cls token ids must be inside the vocabulary"),
             (len({self.pad_token_id, self.mask_token_id, self.cls_token_id}) == 3, "pad, mask and cls ids must differ"),
+            (self.num_labels is None or self.num_labels >= 2, f"num_labels must be >= 2, got {self.num_labels}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -1,7 +1,7 @@
 """scCello as pure torch modules: Geneformer's BERT backbone with ``<cls>`` at position 0, the ``cls``
 (gene-token) and ``cell_cls`` (cell) projection heads, learned cell-type prototypes
 (``learned_centroid``) and ``affine_projection``. The cell embedding is ``cell_cls(h[<cls>])`` of
-the last layer."""
+the last layer; fine-tuned models add ``classifier``, a linear layer on it."""
 
 from __future__ import annotations
 
@@ -41,6 +41,9 @@ class ScCelloModel(nn.Module):
         init_bert_weights(self.cell_cls, config.initializer_range)
         init_bert_weights(self.affine_projection, config.initializer_range)
         nn.init.normal_(self.learned_centroid, 0.0, config.initializer_range)
+        if config.num_labels:
+            self.classifier = nn.Linear(h, config.num_labels)
+            init_bert_weights(self.classifier, config.initializer_range)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
@@ -54,6 +57,14 @@ class ScCelloModel(nn.Module):
     def vocab_outputs(self) -> torch.Tensor:
         """The ``cls`` head applied to every input word embedding: L_MGP's targets ``[V, H]``."""
         return self.cls(self.bert.embeddings.word_embeddings.weight)
+
+    def classify(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
+        """Class logits ``[B, num_labels]``: ``classifier`` on the cell embeddings."""
+        if not self.config.num_labels:
+            raise ValueError("this scCello model has no classification head (config.num_labels is None)")
+        hidden = self.encode(input_ids, attention_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        return self.classifier(self.cell_outputs(hidden, cu_seqlens))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> dict[str, torch.Tensor]:
