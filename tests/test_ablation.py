@@ -36,11 +36,18 @@ def _scbert() -> ScBERT:
     return ScBERT.new(panel, gene2vec=g2v, seed=0, dim=16, depth=1, heads=2, dim_head=8, nb_features=12)
 
 
+def _sccello():
+    from scforge.models.sccello import ScCello
+
+    return ScCello.new(["CL:0000236", "CL:0000576"], seed=0, num_hidden_layers=1, hidden_size=32,
+                       num_attention_heads=2, intermediate_size=64, max_position_embeddings=64, num_labels=2)
+
+
 def _params(m) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in m.module.state_dict().items()}
 
 
-@pytest.mark.parametrize("make", [_scgpt, _geneformer, _scbert], ids=["scgpt", "geneformer", "scbert"])
+@pytest.mark.parametrize("make", [_scgpt, _geneformer, _scbert, _sccello], ids=["scgpt", "geneformer", "scbert", "sccello"])
 def test_untrained_copy_is_fresh_seeded_and_leaves_the_original(make):
     model = make()
     with torch.no_grad():  # "pretrained": move every trained weight away from its initialisation
@@ -85,6 +92,7 @@ def test_embedding_prefixes_name_the_input_tables():
     assert embedding_prefixes(_geneformer()) == ("bert.embeddings.",)
     gf = [n for n, _ in _geneformer().module.named_parameters() if n.startswith("bert.embeddings.")]
     assert any("word_embeddings" in n for n in gf)
+    assert embedding_prefixes(_sccello()) == ("bert.embeddings.",)
 
 
 def test_untrained_copy_refuses_other_objects():
