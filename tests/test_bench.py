@@ -304,3 +304,23 @@ def test_train_seeds_limit_only_the_training_modes(workspace):
     bad = _config(workspace, "ts2", "seeds: [0]\ntrain_seeds: [3]\n")
     with pytest.raises(ConfigError, match="subset"):
         load_config(bad)
+
+
+def test_sccello_runs_in_every_annotation_mode(workspace):
+    """scCello takes part in the matrix like the other families: embedding modes and training modes."""
+    from scforge.models.sccello import ScCello
+
+    ScCello.new(["CL:0000236", "CL:0000576"], seed=0, num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+                intermediate_size=64, max_position_embeddings=64).save(workspace / "cello", overwrite=True)
+    path = workspace / "cello.yaml"
+    path.write_text(
+        "name: cello\noutput: cello-out\ncache: cache\n"
+        "datasets:\n  cells: {path: cells.h5ad, label_key: cell_type}\n"
+        "models:\n  cello: {path: cello, max_length: 64}\n"
+        "modes: [knn, linear_probe, fine_tune, no_pretraining]\nbaselines: []\n"
+        "seeds: [0]\nfractions: [1.0]\nn_pcs: 20\nn_top_genes: 500\numap: false\n"
+        "training: {epochs: 1, batch_size: 64}\n")
+    r = run_matrix(str(path), log=None, report=False).results
+    ann = r[(r.task == "annotation") & (r.method == "cello")]
+    assert set(ann["mode"]) == {"knn", "linear_probe", "fine_tune", "no_pretraining"}
+    assert ann.value.notna().all() and (ann[ann.metric == "accuracy"].value > 0).all()
