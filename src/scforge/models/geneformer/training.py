@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from scforge.errors import ConfigError
 from scforge.models.geneformer.model import GeneformerForMaskedLM, GeneformerForSequenceClassification
@@ -248,8 +249,15 @@ class GeneformerAnnotationBackend(AnnotationBackend):
         load_state_into(module, {k: v.clone() for k, v in state.items()}, source=source)
         return Geneformer(module.eval(), copy.deepcopy(self.model.dictionaries), source=source)
 
+    def _classifier(self) -> nn.Module:
+        """The module whose forward gives class logits (refused without a classification head)."""
+        module = self.model.module
+        if not isinstance(module, GeneformerForSequenceClassification):
+            raise ConfigError("this Geneformer model has no classification head; fine-tune it first.")
+        return module
+
     def training_module(self, optim: Any, class_weights: tuple[float, ...] | None) -> Any:
-        return GeneformerClassifierModule(self.model.module.train(), optim or OptimConfig(), class_weights)
+        return GeneformerClassifierModule(self._classifier().train(), optim or OptimConfig(), class_weights)
 
     def collate(self, cells: TokenizedCells, labels: np.ndarray, seed: int) -> Any:
         return LabelledCellCollator(cells, labels)
@@ -258,13 +266,11 @@ class GeneformerAnnotationBackend(AnnotationBackend):
               progress: bool = False) -> np.ndarray:
         from scforge.nn import autocast, resolve_device, resolve_precision
 
-        module = self.model.module
-        if not isinstance(module, GeneformerForSequenceClassification):
-            raise ConfigError("this Geneformer model has no classification head; fine-tune it first.")
+        module = self._classifier()
         dev = resolve_device(device)
         dtype = resolve_precision(precision, dev)
         module.to(dev).eval()
-        out = np.zeros((cells.n_cells, module.config.num_labels), dtype=np.float32)
+        out = np.zeros((cells.n_cells, self.n_classes), dtype=np.float32)
         order = np.argsort(-cells.lengths, kind="stable")
         with torch.inference_mode(), autocast(dev, dtype):
             for start in range(0, order.size, batch_size):
