@@ -433,15 +433,14 @@ def _entry_token(x, index_bits, token_mask):
 
 
 @numba.njit(cache=True, nogil=True)
-def _rank_row(lo, hi, data, indices, column_tokens, column_medians, column_inverse, column_shared, any_shared,
-              summed, shared_values, shared_where, shared_tokens, packed, spare, counts, index_bits, key_shift,
+def _rank_row(lo, hi, data, indices, column_tokens, column_medians, column_inverse, summed, shared_values, shared_where, shared_tokens, packed, spare, counts, index_bits, key_shift,
               key_bits):
     """Geneformer order of one cell, up to near-ties: its expressed, matched genes sorted by key (see
     below), which ``_write_ranked`` turns into the exact order (score ``count / n_counts * target_sum /
     median`` descending, equal scores by ascending token). Returns ``(entries, n)``: ``entries[:n]``, each
-    packed as ``key << key_shift | token << index_bits | index`` (see ``_entry_value``). Columns flagged in
-    ``column_shared`` share their token with another column; their counts are summed first in ``summed``
-    (indexed by token; all zeros between calls).
+    packed as ``key << key_shift | token << index_bits | index`` (see ``_entry_value``). A column whose
+    ``column_tokens`` entry is ``-2 - token`` shares ``token`` with other columns; their counts are summed
+    first in ``summed`` (indexed by token; all zeros between calls).
 
     Sort: a stable byte-wise radix sort on 16-bit keys: the upper ``key_bits`` (at most 32) bits of each
     gene's ``count / median`` (the cell's constant factors do not change the order; positive floats order
@@ -455,33 +454,22 @@ def _rank_row(lo, hi, data, indices, column_tokens, column_medians, column_inver
     low = (np.uint64(1) << np.uint64(key_bits)) - np.uint64(1)
     high = np.uint64(0)
     span = hi - lo
-    if not any_shared:  # the common case, without the shared-column test
-        for i in range(lo, hi):
-            v = data[i]
-            col = indices[i]
-            token = column_tokens[col]
-            if v != 0 and token >= 0:
-                key = _descending_key(v * column_inverse[col], key_bits)
-                packed[n] = (key << key_shift) | (np.uint64(token) << index_bits) | np.uint64(i - lo)
-                low = min(low, key)
-                high = max(high, key)
-                n += 1
-    for i in range(hi if not any_shared else lo, hi):
+    for i in range(lo, hi):
         v = data[i]
         col = indices[i]
         token = column_tokens[col]
         if v != 0 and token >= 0:
-            if column_shared[col]:
-                if summed[token] == 0:
-                    shared_tokens[n_shared] = token
-                    n_shared += 1
-                summed[token] += v
-            else:
-                key = _descending_key(v * column_inverse[col], key_bits)
-                packed[n] = (key << key_shift) | (np.uint64(token) << index_bits) | np.uint64(i - lo)
-                low = min(low, key)
-                high = max(high, key)
-                n += 1
+            key = _descending_key(v * column_inverse[col], key_bits)
+            packed[n] = (key << key_shift) | (np.uint64(token) << index_bits) | np.uint64(i - lo)
+            low = min(low, key)
+            high = max(high, key)
+            n += 1
+        elif v != 0 and token < -1:  # a column sharing token -2 - token with others: summed first
+            token = -2 - token
+            if summed[token] == 0:
+                shared_tokens[n_shared] = token
+                n_shared += 1
+            summed[token] += v
     for j in range(n_shared):
         token = shared_tokens[j]
         shared_values[j] = summed[token]
@@ -563,8 +551,7 @@ def _write_ranked(src, n, k, out, pos, lo, span, data, indices, column_medians, 
 
 @numba.njit(cache=True, parallel=True)
 def rank_matrix(
-    indptr, data, indices, column_tokens, column_medians, column_inverse, column_shared, n_counts, have_counts,
-    target_sum, limit,
+    indptr, data, indices, column_tokens, column_medians, column_inverse, n_counts, have_counts, target_sum, limit,
     offsets, special, cls_id, eos_id, out, written, bad, n_blocks, max_row, vocab_size, index_bits, token_bits,
 ):
     """Geneformer rank value tokens of a whole in-memory CSR matrix, cells in ``n_blocks`` parallel
@@ -572,9 +559,9 @@ def rank_matrix(
     last when ``special``): at most ``limit`` tokens a cell, ``written[r]`` of them.
 
     ``n_counts[r]`` is the cell's total (``have_counts``) or the sum of its stored values.
-    ``column_medians`` holds each column's gene median, followed by the medians of the tokens of
-    ``column_shared`` columns at ``-1 - token`` (``column_inverse``: their inverses); the counts of
-    columns sharing a token are summed.
+    ``column_tokens``: each column's token, -1 when unmatched, ``-2 - token`` when the column shares its
+    token with others (their counts are summed). ``column_medians`` holds each column's gene median,
+    followed by the medians of shared tokens at ``-1 - token`` (``column_inverse``: their inverses).
     Token ids are below ``vocab_size`` and ``2 ** token_bits``; an entry's index within its row (shared tokens
     counted after the row's entries) is below ``2 ** index_bits``; the two take at most 40 bits, and the
     sort key the rest, at most 32. ``bad[r]``: 1 negative or non-finite value, 2 a value that is not a whole
@@ -582,9 +569,7 @@ def rank_matrix(
     """
     n_rows = indptr.size - 1
     shift = 1 if special else 0
-    any_shared = False
-    for c in range(column_shared.size):
-        any_shared |= column_shared[c]
+    any_shared = column_tokens.size > 0 and column_tokens.min() < -1
     key_shift = np.uint64(index_bits + token_bits)
     key_bits = min(32, 64 - index_bits - token_bits)
     token_mask = (np.uint64(1) << np.uint64(token_bits)) - np.uint64(1)
@@ -612,8 +597,7 @@ def rank_matrix(
             if bad[row] != 0:
                 continue
             ranked, n = _rank_row(lo, hi, data, indices, column_tokens, column_medians, column_inverse,
-                                  column_shared, any_shared, summed, shared_values,
-                                  shared_where, shared_tokens, packed, spare, counts, np.uint64(index_bits),
+                                  summed, shared_values, shared_where, shared_tokens, packed, spare, counts, np.uint64(index_bits),
                                   key_shift, key_bits)
             if n > 0 and not cell_total > 0:
                 bad[row] = 3
@@ -645,15 +629,13 @@ def compact_rows(src: np.ndarray, src_offsets: np.ndarray, lengths: np.ndarray, 
 
 @numba.njit(cache=True, parallel=True)
 def kept_lengths(indptr: np.ndarray, data: np.ndarray, indices: np.ndarray, column_tokens: np.ndarray,
-                 column_shared: np.ndarray, vocab_size: int, max_row: int, n_blocks: int, out: np.ndarray) -> None:
+                 vocab_size: int, max_row: int, n_blocks: int, out: np.ndarray) -> None:
     """Number of distinct tokens each row expresses: entries with a non-zero value and a matched
-    column, columns flagged in ``column_shared`` counted once per token. Sizes outputs exactly, so
-    kernels need no second, compacted copy."""
+    column (``column_tokens`` >= 0), columns marked ``-2 - token`` (sharing ``token``) counted once per
+    token. Sizes outputs exactly, so kernels need no second, compacted copy."""
     n_rows = indptr.size - 1
-    any_shared = False
-    for c in range(column_shared.size):
-        any_shared |= column_shared[c]
-    kept_column = (column_tokens >= 0) & ~column_shared  # a small table: stays in the first-level cache
+    any_shared = column_tokens.size > 0 and column_tokens.min() < -1
+    kept_column = column_tokens >= 0  # a small table: stays in the first-level cache
     for block in numba.prange(n_blocks):
         seen = np.zeros(vocab_size if any_shared else 1, dtype=np.bool_)
         met = np.empty(max(1, max_row), dtype=np.int64)
@@ -669,13 +651,13 @@ def kept_lengths(indptr: np.ndarray, data: np.ndarray, indices: np.ndarray, colu
                 col = indices[i]
                 token = column_tokens[col]
                 if data[i] != 0 and token >= 0:
-                    if column_shared[col]:
-                        if not seen[token]:
-                            seen[token] = True
-                            met[n_met] = token
-                            n_met += 1
-                    else:
-                        n += 1
+                    n += 1
+                elif data[i] != 0 and token < -1:
+                    token = -2 - token
+                    if not seen[token]:
+                        seen[token] = True
+                        met[n_met] = token
+                        n_met += 1
             for j in range(n_met):
                 seen[met[j]] = False
             out[row] = n + n_met

@@ -186,9 +186,8 @@ class BinnedTokenizer(ChunkTokenizer):
         if np.any(plan.colmap < 0):  # unmatched genes: count what each cell keeps (touching fresh
             # output memory costs more than this pass; stored zeros, rare, leave gaps compacted below)
             reserved = np.empty(n_rows, dtype=np.int64)
-            _compiled.kept_lengths(matrix.indptr, matrix.data, matrix.indices, column_tokens,
-                                   np.zeros(column_tokens.size, dtype=np.bool_), 1, int(lengths.max(initial=0)),
-                                   min(n_rows, threads * 4), reserved)
+            _compiled.kept_lengths(matrix.indptr, matrix.data, matrix.indices, column_tokens, 1,
+                                   int(lengths.max(initial=0)), min(n_rows, threads * 4), reserved)
         else:
             reserved = lengths.copy()
         if limit is not None:

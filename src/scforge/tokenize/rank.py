@@ -151,16 +151,16 @@ class RankValueTokenizer(ChunkTokenizer):
 
         n_rows = csr.shape[0]
         column_tokens = np.where(plan.colmap >= 0, plan.out_tokens[np.maximum(plan.colmap, 0)], -1).astype(np.int32)
-        matched = column_tokens[column_tokens >= 0]
-        # columns whose token another column shares are summed in the kernel; their medians follow
-        # the columns' own, at -1 - token
-        column_shared = np.zeros(column_tokens.size, dtype=np.bool_)
-        if plan.merges_columns:
-            column_shared[column_tokens >= 0] = np.bincount(matched, minlength=len(self.vocab))[matched] > 1
+        # medians of each column's token, then those of shared tokens at -1 - token
         column_medians = np.concatenate([
             np.where(column_tokens >= 0, self._medians[np.maximum(column_tokens, 0)], np.nan),
             self._medians[::-1] if plan.merges_columns else np.zeros(0),
         ])
+        if plan.merges_columns:  # columns sharing a token are marked -2 - token: the kernels sum them
+            matched = column_tokens >= 0
+            counts = np.bincount(column_tokens[matched], minlength=len(self.vocab))
+            shared = matched & (counts[np.maximum(column_tokens, 0)] > 1)
+            column_tokens[shared] = -2 - column_tokens[shared]
         n_special = 2 if self.special_tokens else 0
         limit = self.model_input_size - n_special
         max_row = int(np.diff(csr.indptr).max(initial=0))
@@ -174,8 +174,8 @@ class RankValueTokenizer(ChunkTokenizer):
         try:
             # exact lengths first: fresh memory is costly to touch, so the output is allocated once
             kept = np.empty(n_rows, dtype=np.int64)
-            _compiled.kept_lengths(csr.indptr, csr.data, csr.indices, column_tokens, column_shared,
-                                   len(self.vocab), max_row, n_blocks, kept)
+            _compiled.kept_lengths(csr.indptr, csr.data, csr.indices, column_tokens, len(self.vocab), max_row,
+                                   n_blocks, kept)
             reserved = np.minimum(kept, limit) + n_special
             offsets = np.zeros(n_rows + 1, dtype=np.int64)
             np.cumsum(reserved, out=offsets[1:])
@@ -184,7 +184,7 @@ class RankValueTokenizer(ChunkTokenizer):
             bad = np.empty(n_rows, dtype=np.int8)
             _compiled.rank_matrix(
                 csr.indptr, csr.data, csr.indices, column_tokens, column_medians, 1.0 / column_medians,
-                column_shared, np.zeros(0) if n_counts is None else n_counts, n_counts is not None,
+                np.zeros(0) if n_counts is None else n_counts, n_counts is not None,
                 self.target_sum, limit, offsets, self.special_tokens, -1 if self.cls_id is None else self.cls_id,
                 -1 if self.eos_id is None else self.eos_id, out, written, bad, n_blocks, max_row, len(self.vocab),
                 index_bits, token_bits,
