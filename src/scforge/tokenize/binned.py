@@ -192,10 +192,7 @@ class BinnedTokenizer(ChunkTokenizer):
             reserved = lengths.copy()
         if limit is not None:
             np.minimum(reserved, limit, out=reserved)
-        offsets = np.zeros(n_rows + 1, dtype=np.int64)
-        np.cumsum(reserved + extra, out=offsets[1:])
-        gene_out = np.empty(int(offsets[-1]), dtype=np.int32)  # filled by the kernel, <cls> included
-        value_out = np.empty(int(offsets[-1]), dtype=np.float32)
+        offsets, gene_out, value_out = self._output_arrays(reserved, write_cls=False)  # the kernel writes <cls>
         written = np.zeros(n_rows, dtype=np.int64)
         bad = np.zeros(n_rows, dtype=np.int8)
         edges = np.empty((n_rows, self.n_bins - 1), dtype=np.float64)
@@ -259,14 +256,15 @@ class BinnedTokenizer(ChunkTokenizer):
             obs_names=source.obs_names_range(lo, hi), meta=self.settings(),
         )
 
-    def _output_arrays(self, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Offsets and output arrays for cells of ``lengths`` genes, ``<cls>`` already in place."""
+    def _output_arrays(self, lengths: np.ndarray, *, write_cls: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Offsets and output arrays for cells of ``lengths`` genes (and ``<cls>``, written here when
+        ``write_cls``; the whole-matrix kernel writes it itself)."""
         extra = 1 if self.append_cls else 0
         offsets = np.zeros(lengths.size + 1, dtype=np.int64)
         np.cumsum(lengths + extra, out=offsets[1:])
         gene_out = np.empty(int(offsets[-1]), dtype=np.int32)
         value_out = np.empty(int(offsets[-1]), dtype=np.float32)
-        if extra:
+        if extra and write_cls:
             gene_out[offsets[:-1]] = self.cls_id
             value_out[offsets[:-1]] = self.cls_value
         return offsets, gene_out, value_out
