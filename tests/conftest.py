@@ -18,6 +18,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
+@pytest.fixture
+def fp32_auto(monkeypatch):
+    """``precision="auto"`` resolves to fp32 even on CPUs with native bf16 (AVX512-BF16, AMX), for tests
+    that compare against fp32 reference code at fp32 tolerances."""
+    import scforge.nn.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """Path to ../shared/data; skips the test when the real data is not there (a user's machine)."""

@@ -12,6 +12,9 @@ from scforge.errors import ConfigError, GeneIdentityError, InputDataError
 from scforge.models.geneformer import GeneformerConfig
 from scforge.models.geneformer.api import Geneformer
 
+# parity with fp32 reference code: "auto" precision must not pick bf16 on a bf16-capable CPU
+pytestmark = pytest.mark.usefixtures("fp32_auto")
+
 transformers = pytest.importorskip("transformers")
 
 TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,

@@ -21,6 +21,9 @@ from scforge.ontology import cell_type_relations, load_cell_ontology, map_labels
 from scforge.tokenize.ragged import TokenizedCells
 from scforge.train import TrainConfig
 
+# parity with fp32 reference code: "auto" precision must not pick bf16 on a bf16-capable CPU
+pytestmark = pytest.mark.usefixtures("fp32_auto")
+
 TINY = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64,
             max_position_embeddings=64)
 

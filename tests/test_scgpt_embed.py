@@ -17,6 +17,9 @@ from scgpt_helpers import PAD_ID, VOCAB, reference_model
 from scforge.errors import GeneIdentityError, InputDataError
 from scforge.models.scgpt import ScGPT, to_scforge_keys
 
+# parity with fp32 reference code: "auto" precision must not pick bf16 on a bf16-capable CPU
+pytestmark = pytest.mark.usefixtures("fp32_auto")
+
 
 @pytest.fixture(scope="module")
 def pair():

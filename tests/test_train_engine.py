@@ -212,3 +212,24 @@ def test_ddp_two_processes_on_cpu(shared_data, tmp_path):
     a = torch.load(tmp_path / "ddp.rank0.pt", weights_only=True)
     b = torch.load(tmp_path / "ddp.rank1.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)  # gradients were averaged: identical replicas
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_gradient_clipping_with_the_fused_optimizer_in_every_precision(shared_data, precision, monkeypatch):
+    """Lightning refuses to clip for a fused optimizer under its bf16 plugin; scforge clips itself there
+    (bf16 gradients are never loss-scaled), so clipped training runs in bf16 as in fp32."""
+    model, cells, labels, _ = tiny_problem(n_cells=48, n_cls=13)
+    clip, after = torch.nn.utils.clip_grad_norm_, []
+
+    def recording_clip(parameters, max_norm, *args, **kwargs):
+        parameters = [p for p in parameters if p.grad is not None]
+        total = clip(parameters, max_norm, *args, **kwargs)
+        after.append(float(torch.stack([p.grad.float().norm() for p in parameters]).norm()))
+        return total
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+    cfg = TrainConfig(max_epochs=1, batch_size=16, val_fraction=0.0, progress=False, precision=precision,
+                      grad_clip=1e-3, accelerator="cpu")
+    fit(model.module, cells, objectives=Objectives(gep=True, cls=True), config=cfg, labels=labels,
+        optim=OptimConfig(lr=1e-3, warmup_steps=1))
+    assert len(after) == 3 and max(after) <= 1e-3 * 1.01  # every step clipped to the limit

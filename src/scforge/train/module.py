@@ -121,13 +121,31 @@ class TrainingModule(L.LightningModule):
                   {"params": no_decay, "weight_decay": 0.0}]
         # the fused kernel (CPU and CUDA) updates all parameters in one pass: several times faster
         # than the per-tensor loop, same update rule
-        fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16,
-                                                                     torch.float16) for p in params)
+        # (not under fp16 loss scaling: Lightning cannot clip gradients a fused step unscales itself)
+        fused = self._precision_name() != "16-mixed" and all(
+            p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            for p in params)
         opt = torch.optim.AdamW(groups, lr=self.optim.lr, betas=self.optim.betas, eps=self.optim.eps,
                                 fused=fused or None)
         total = self.total_steps or int(self.trainer.estimated_stepping_batches)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, total, self.optim))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _precision_name(self) -> str:
+        trainer = self._trainer
+        return str(getattr(trainer, "precision", "")) if trainer is not None else ""
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip as Lightning does, except under bf16 autocast: there gradients are never scaled, but
+        Lightning's mixed-precision plugin refuses to clip for any fused optimizer, so clip directly."""
+        if gradient_clip_val and self._precision_name() == "bf16-mixed":
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ---- fully sharded data parallel (FSDP2, Lightning's ModelParallelStrategy) ----------------
     def configure_model(self) -> None:
