@@ -22,6 +22,11 @@ Detectors (see :mod:`scforge.security.detect`):
 * ``knn``: share of the cell's PCA neighbours with another label.
 * with a model: ``spectral`` (spectral signatures) and ``clusters`` (activation clustering) on the
   model's cell embeddings, grouped by the model's predicted class (or the label for a base model).
+
+:func:`audit_tokens` audits a rank-value tokenized set (Geneformer's input, where scBackdoor's
+Geneformer trigger lives) with the same table layout: ``rank`` (the order of a cell's gene tokens
+against the genes' usual positions), ``length`` (far fewer gene tokens than the set's cells) and,
+given an embedding of the cells, ``knn``.
 """
 
 from __future__ import annotations
@@ -36,12 +41,14 @@ import scipy.sparse as sp
 from scforge._inputs import obs_labels
 from scforge.errors import ConfigError, InputDataError
 
-__all__ = ["audit", "level_consistency", "DATA_DETECTORS", "MODEL_DETECTORS", "audit_summary"]
+__all__ = ["audit", "audit_tokens", "level_consistency", "DATA_DETECTORS", "MODEL_DETECTORS", "TOKEN_DETECTORS",
+           "audit_summary"]
 
 logger = logging.getLogger("scforge")
 
 DATA_DETECTORS = ("level", "sparsity", "anomaly", "knn")
 MODEL_DETECTORS = ("spectral", "clusters")
+TOKEN_DETECTORS = ("rank", "length", "knn")
 _REASONS = {
     "level": "expression levels unlike the genes' usual levels",
     "sparsity": "far fewer genes / far more concentrated expression than its class",
@@ -49,6 +56,8 @@ _REASONS = {
     "knn": "label disagrees with its expression neighbours",
     "spectral": "spectral signature of the model's embeddings within its class",
     "clusters": "in a small separate cluster of the model's embeddings within its class",
+    "rank": "gene order unlike the genes' usual rank positions",
+    "length": "far fewer gene tokens than the set's cells",
 }
 
 
@@ -232,3 +241,75 @@ def audit_summary(table: pd.DataFrame, *, threshold: float, detectors: list[str]
             "n_cells": int(len(table)), "n_flagged": int(table["flagged"].sum()), "flagged_by_detector": by_reason,
             "per_class": {str(k): {kk: (float(vv) if kk != "n_cells" and kk != "n_flagged" else int(vv))
                                    for kk, vv in row.items()} for k, row in per_class.iterrows()}}
+
+
+def audit_tokens(
+    cells: Any,
+    labels: Any,
+    *,
+    detectors: tuple[str, ...] | None = None,
+    embedding: Any = None,
+    threshold: float = 5.0,
+    n_neighbors: int = 15,
+    min_cells: int = 5,
+    length_scale: float = 0.1,
+    label_key: str = "label",
+) -> pd.DataFrame:
+    """Score every cell of a rank-value tokenized fine-tuning set (a
+    :class:`~scforge.tokenize.TokenizedCells` of Geneformer's tokenizer) for signs of poisoning; one row
+    per cell (index: the cells' ``obs_names``), laid out as :func:`audit`'s table.
+
+    Detectors: ``rank`` (minus :func:`~scforge.security.detect.rank_consistency`, robust z over the set),
+    ``length`` (minus the log number of gene tokens, robust z over the set with a scale of at least
+    ``length_scale``, so a set whose cells all reach ``max_length`` still has a scale) and ``knn``
+    (:func:`~scforge.security.detect.knn_label_disagreement` in ``embedding``, an array with one row
+    per cell, e.g. PCs of the cells' expression; robust z within the label). Default: all that can
+    run (``knn`` only with an embedding). ``labels``: the set's labels, one per cell. Columns: ``label``,
+    ``n_genes``, for each detector ``D`` its raw score and ``D_z``, ``score`` (the largest z),
+    ``flagged`` (``score > threshold``), ``reasons``. ``table.attrs["summary"]`` as in :func:`audit`.
+    Nothing is modified."""
+    from scforge._inputs import as_embedding, as_text_labels
+    from scforge.security.detect import gene_token_counts, knn_label_disagreement, rank_consistency, robust_z
+
+    if not threshold > 0:
+        raise ConfigError(f"threshold must be > 0, got {threshold}.")
+    if not length_scale > 0:
+        raise ConfigError(f"length_scale must be > 0, got {length_scale}.")
+    wanted = tuple(detectors) if detectors is not None else TOKEN_DETECTORS[:2] + (("knn",) if embedding is not None
+                                                                                   else ())
+    unknown = [d for d in wanted if d not in TOKEN_DETECTORS]
+    if unknown or not wanted:
+        raise ConfigError(f"detectors={detectors}; choose one or more of {TOKEN_DETECTORS}.")
+    if "knn" in wanted and embedding is None:
+        raise ConfigError("the 'knn' detector needs an embedding of the cells (embedding=..., e.g. 50 PCs of "
+                          "their log1p CP10k expression).")
+    n_genes = gene_token_counts(cells)  # also checks that these are rank-value tokens
+    if cells.n_cells < 3:
+        raise InputDataError(f"the token audit needs at least 3 cells; the set has {cells.n_cells}.")
+    y = as_text_labels(labels, n=cells.n_cells)
+    table = pd.DataFrame({"label": y, "n_genes": n_genes},
+                         index=pd.Index(np.asarray(cells.obs_names).astype(str), name="cell"))
+    zs: dict[str, np.ndarray] = {}
+    if "rank" in wanted:
+        table["rank"] = -rank_consistency(cells, min_cells=min_cells)
+        zs["rank"] = robust_z(table["rank"].to_numpy())
+    if "length" in wanted:
+        table["length"] = -np.log(np.maximum(n_genes, 1))
+        zs["length"] = robust_z(table["length"].to_numpy(), min_scale=length_scale)
+    if "knn" in wanted:
+        space = as_embedding(embedding, what="the kNN embedding")
+        if space.shape[0] != cells.n_cells:
+            raise InputDataError(f"the kNN embedding has {space.shape[0]} rows for {cells.n_cells} cells.")
+        table["knn"] = knn_label_disagreement(space, y, n_neighbors=n_neighbors)
+        zs["knn"] = robust_z(table["knn"].to_numpy(), y, min_scale=0.15)
+    names = list(zs)
+    for name in names:
+        table[f"{name}_z"] = zs[name]
+    zmat = np.column_stack([zs[k] for k in names])
+    table["score"] = zmat.max(axis=1)
+    table["flagged"] = table["score"] > threshold
+    table["reasons"] = ["; ".join(_REASONS[names[j]] for j in np.flatnonzero(row > threshold)) for row in zmat]
+    table.attrs["summary"] = audit_summary(table, threshold=threshold, detectors=names, label_key=label_key)
+    table.attrs["summary"]["combined"] = names
+    table.attrs["summary"]["input"] = "rank-value tokens"
+    return table

@@ -13,6 +13,12 @@ Data level (before fine-tuning), on log1p CP10k of the counts:
 * :func:`knn_label_disagreement`: the share of a cell's neighbours (PCA or any embedding) whose label
   differs from its own (dirty-label poisons carry the target label among their source class).
 
+Token level (a rank-value tokenized fine-tuning set, Geneformer's input):
+
+* :func:`rank_consistency`: how well the order of a cell's gene tokens follows the genes' usual
+  positions across the set (Spearman correlation); scBackdoor's shuffled top-20 trigger destroys it.
+* :func:`gene_token_counts`: gene tokens per cell (the trigger leaves exactly ``top``).
+
 Model level (after fine-tuning), on a model's cell embeddings grouped by label/predicted class:
 
 * :func:`spectral_signature_scores` (Tran et al., 2018), :func:`activation_clustering_scores`
@@ -32,7 +38,7 @@ from scforge.errors import ConfigError, InputDataError
 __all__ = [
     "mean_abs_z", "centroid_distance", "isolation_scores", "anomaly_ensemble", "sparsity_scores",
     "knn_label_disagreement", "spectral_signature_scores", "activation_clustering_scores", "strip_entropy",
-    "robust_z", "percentile_rank", "detection_metrics", "top_variance_pca",
+    "robust_z", "percentile_rank", "detection_metrics", "top_variance_pca", "rank_consistency", "gene_token_counts",
 ]
 
 
@@ -177,6 +183,78 @@ def knn_label_disagreement(embedding: Any, labels: Any, *, n_neighbors: int = 15
     _, nbrs = NearestNeighbors(n_neighbors=k + 1).fit(emb).kneighbors(emb)
     nbrs = nbrs[:, 1:]
     return (y[nbrs] != y[:, None]).mean(axis=1)
+
+
+# ---- token level --------------------------------------------------------------------------------
+def _gene_tokens(cells: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(rows, gene_ids, positions)`` of every gene token of rank-value tokenized ``cells``: its cell,
+    its id and its 0-based position among the cell's gene tokens (``<cls>``/``<eos>``/``<pad>`` left out)."""
+    from scforge.tokenize.ragged import TokenizedCells
+
+    if not isinstance(cells, TokenizedCells) or cells.gene_ids is None or cells.values is not None:
+        raise InputDataError("the token detectors read rank-value tokens (Geneformer's tokenizer output, values "
+                             f"None); got {type(cells).__name__}. For expression matrices use audit().")
+    specials = [cells.meta.get(k) for k in ("cls_id", "eos_id", "pad_id")]
+    rows = np.repeat(np.arange(cells.n_cells), cells.lengths)
+    keep = ~np.isin(cells.gene_ids, [int(v) for v in specials if v is not None])
+    rows, genes = rows[keep], cells.gene_ids[keep].astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=cells.n_cells))[:-1]])
+    return rows, genes, np.arange(rows.size) - starts[rows]
+
+
+def gene_token_counts(cells: Any) -> np.ndarray:
+    """Number of gene tokens of every cell of rank-value tokenized ``cells`` (special tokens left out)."""
+    rows, _, _ = _gene_tokens(cells)
+    return np.bincount(rows, minlength=cells.n_cells)
+
+
+def _average_ranks(rows: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
+    """0-based ranks of ``values`` within each row (ties share their mean rank)."""
+    order = np.lexsort((values, rows))
+    r, v = rows[order], values[order]
+    starts = np.concatenate([[0], np.cumsum(np.bincount(r, minlength=n))[:-1]])
+    within = (np.arange(r.size) - starts[r]).astype(np.float64)
+    group = np.cumsum(np.r_[True, (r[1:] != r[:-1]) | (v[1:] != v[:-1])]) - 1
+    mean = np.bincount(group, weights=within) / np.bincount(group)
+    out = np.empty(r.size)
+    out[order] = mean[group]
+    return out
+
+
+def _row_pearson(rows: np.ndarray, a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
+    """Pearson correlation of ``a`` and ``b`` within each row (0 where either is constant or empty)."""
+    size = np.maximum(np.bincount(rows, minlength=n), 1).astype(np.float64)
+
+    def mean(w: np.ndarray) -> np.ndarray:
+        return np.bincount(rows, weights=w, minlength=n) / size
+
+    ma, mb = mean(a), mean(b)
+    cov = mean(a * b) - ma * mb
+    sd = np.sqrt(np.maximum(mean(a * a) - ma**2, 0.0) * np.maximum(mean(b * b) - mb**2, 0.0))
+    return np.divide(cov, sd, out=np.zeros(n), where=sd > 1e-12)
+
+
+def rank_consistency(cells: Any, *, min_cells: int = 5) -> np.ndarray:
+    """Per cell: Spearman correlation between the positions of its gene tokens and those genes' median
+    positions over the cells of the set that carry them. Rank-value encoding puts a gene at a similar
+    position in most cells (clean PBMCs: about 0.6); a shuffled top-20 (scBackdoor's Geneformer
+    trigger) gives about 0. Genes carried by fewer than ``min_cells`` cells are left out (their median
+    is mostly the cell's own position); a cell with fewer than 3 usable genes gets 0."""
+    if min_cells < 1:
+        raise ConfigError(f"min_cells must be >= 1, got {min_cells}.")
+    rows, genes, pos = _gene_tokens(cells)
+    n = cells.n_cells
+    if genes.size == 0:
+        return np.zeros(n)
+    order = np.lexsort((pos, genes))
+    ids, first, counts = np.unique(genes[order], return_index=True, return_counts=True)
+    sorted_pos = pos[order].astype(np.float64)
+    median = (sorted_pos[first + (counts - 1) // 2] + sorted_pos[first + counts // 2]) / 2.0
+    where = np.searchsorted(ids, genes)
+    usable = counts[where] >= min_cells
+    rows, pos, ref = rows[usable], pos[usable].astype(np.float64), median[where[usable]]
+    corr = _row_pearson(rows, _average_ranks(rows, pos, n), _average_ranks(rows, ref, n), n)
+    return np.where(np.bincount(rows, minlength=n) >= 3, corr, 0.0)
 
 
 # ---- model level --------------------------------------------------------------------------------

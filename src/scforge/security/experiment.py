@@ -10,6 +10,12 @@ removed or relabelled). Clean accuracy, macro-F1 and Cohen's kappa are measured 
 cells; the attack success rate (ASR) is the share of triggered non-target test cells predicted as the
 target, as scBackdoor defines it. Detection is scored against the known poisoned cells (AUROC,
 precision, recall).
+
+A token trigger (:class:`~scforge.security.RankShuffleTrigger`, scBackdoor's Geneformer attack) runs
+the same stages on tokens: a Geneformer-family victim tokenizes the training and test cells with its
+classification recipe, the chosen training cells are triggered on their tokens and relabelled, the
+model is fine-tuned on those tokens, the non-target test cells are triggered on their tokens, and the
+defence audits the tokenized set (:func:`~scforge.security.audit_tokens`).
 """
 
 from __future__ import annotations
@@ -118,15 +124,17 @@ class AttackResult:
         return write_attack_report(self, out)
 
 
+def _score_predictions(truth: np.ndarray, pred: np.ndarray, triggered_pred: np.ndarray, target: str
+                       ) -> dict[str, float]:
+    rep = classification_metrics(truth, pred)
+    return {"accuracy": rep.accuracy, "macro_f1": rep.macro_f1, "precision": rep.precision, "recall": rep.recall,
+            "kappa": rep.kappa, "asr": attack_success_rate(triggered_pred, target)}
+
+
 def _scores(victim: Any, test: Any, triggered: Any, label_key: str, target: str, layer: str | None
             ) -> dict[str, float]:
     truth = test.obs[label_key].astype(str).to_numpy()
-    pred = victim.predict(test, layer=layer)
-    rep = classification_metrics(truth, pred)
-    out = {"accuracy": rep.accuracy, "macro_f1": rep.macro_f1, "precision": rep.precision, "recall": rep.recall,
-           "kappa": rep.kappa}
-    out["asr"] = attack_success_rate(victim.predict(triggered, layer=layer), target)
-    return out
+    return _score_predictions(truth, victim.predict(test, layer=layer), victim.predict(triggered, layer=layer), target)
 
 
 def _relabel(adata: Any, label_key: str, flagged: np.ndarray, layer: str | None, seed: int) -> Any:
@@ -185,7 +193,7 @@ def run_attack(
     victim: Any = "logistic",
     rate: float = 0.05,
     trigger: Any = None,
-    selection: str = "gini",
+    selection: str | None = None,
     layer: str | None = None,
     split: Any = "random",
     test_size: float = 0.2,
@@ -197,6 +205,7 @@ def run_attack(
     trusted_fraction: float = 0.1,
     strip: bool = False,
     strip_blends: int = 8,
+    token_knn: bool = True,
     progress: bool = False,
 ) -> AttackResult:
     """Run one backdoor experiment on ``adata`` (see the module docstring); ``adata`` is not changed.
@@ -209,7 +218,16 @@ def run_attack(
     model-level detectors (on the poisoned victim) to the audit. ``clean_victim``: an already fitted
     clean victim on the same split to reuse (sweeps pass it). ``strip``: also screen the test cells of
     the poisoned model with STRIP (``strip_blends`` blends with clean training cells each) and report
-    how well its entropy separates triggered from clean test cells (``detection["strip_auroc"]``)."""
+    how well its entropy separates triggered from clean test cells (``detection["strip_auroc"]``).
+    ``selection``: which training cells are poisoned (:func:`~scforge.security.select_poison_cells`;
+    default the published choice: ``"gini"`` for expression triggers, ``"random"`` for token triggers).
+
+    ``trigger=RankShuffleTrigger()``: scBackdoor's Geneformer attack on tokens (module docstring); the
+    victim must be a Geneformer-family model (or its :class:`~scforge.security.ModelVictim`), else
+    :class:`~scforge.errors.ConfigError`. Its defence audits the poisoned tokens with
+    :func:`~scforge.security.audit_tokens`, plus (``token_knn``) the kNN label detector on 50 PCs of
+    the training cells' log1p CP10k expression, which the token trigger leaves untouched.
+    ``model_level`` and ``strip`` read expression and are refused with a token trigger."""
     from scforge.security.audit import audit
     from scforge.security.detect import detection_metrics
     from scforge.security.poison import poison
@@ -220,6 +238,15 @@ def run_attack(
         raise ConfigError(f"defence={defence!r}; choose one of {ACTIONS} or None.")
     obs_labels(adata, label_key, what="the attack experiment")
     trigger = SparsifyTrigger() if trigger is None else trigger
+    if getattr(trigger, "name", "") == "rank_shuffle":
+        if model_level or strip:
+            raise ConfigError("model_level and strip read expression-level inputs; with the token trigger "
+                              "RankShuffleTrigger leave them off (the defence audits the tokens).")
+        return _run_token_attack(adata, label_key, str(target), victim=victim, rate=rate, trigger=trigger,
+                                 selection=selection or "random", layer=layer, split=split, test_size=test_size,
+                                 defence=defence, threshold=threshold, seed=seed, clean_victim=clean_victim,
+                                 trusted_fraction=trusted_fraction, token_knn=token_knn)
+    selection = selection or "gini"
     victim = as_victim(victim, seed=seed)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -288,6 +315,96 @@ def run_attack(
     seconds["total"] = time.perf_counter() - t0
     tidy = pd.DataFrame(rows, columns=["stage", "metric", "value"])
     logger.info("attack %s -> %s: %s", settings["victim"], target,
+                tidy[tidy.metric.isin(["accuracy", "asr"])].to_dict("records"))
+    return AttackResult(tidy, detection, settings, table, seconds)
+
+
+def _run_token_attack(adata: Any, label_key: str, target: str, *, victim: Any, rate: float, trigger: Any,
+                      selection: str, layer: str | None, split: Any, test_size: float, defence: str | None,
+                      threshold: float, seed: int, clean_victim: Any, trusted_fraction: float,
+                      token_knn: bool) -> AttackResult:
+    """:func:`run_attack` with a token trigger (scBackdoor's Geneformer attack); see the module docstring."""
+    from scforge.baselines import log1p_cp10k
+    from scforge.security.audit import audit_tokens
+    from scforge.security.detect import detection_metrics, top_variance_pca
+    from scforge.security.poison import gini_coefficient, layer_matrix, poison_tokens
+    from scforge.security.victims import as_victim, require_token_victim
+
+    victim = require_token_victim(as_victim(victim, seed=seed))
+    if clean_victim is not None:
+        require_token_victim(clean_victim)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    train_idx, test_idx = split_cells(adata, label_key, split=split, test_size=test_size, seed=seed)
+    train, test = adata[train_idx].copy(), adata[test_idx].copy()
+    y_train = train.obs[label_key].astype(str).to_numpy()
+    y_test = test.obs[label_key].astype(str).to_numpy()
+    if target not in set(y_train):
+        raise InputDataError(f"target {target!r} is not a label of the training cells; labels are "
+                             f"{sorted(set(y_train))}.")
+    train_cells = victim.tokenize(train, layer=layer)
+    test_cells = victim.tokenize(test, layer=layer)
+    triggered = trigger.apply(test_cells.select(np.flatnonzero(y_test != target)), None, seed=seed + 1)
+    seconds["tokenize"] = time.perf_counter() - t0
+    settings = {"label_key": label_key, "target": target, "rate": float(rate), "selection": selection,
+                "victim": victim.name, "input": "rank-value tokens", "max_length": victim.token_backend().settings(
+                    victim.kwargs["max_length"], seed)["max_length"], "split": split if isinstance(split, str)
+                else list(split),
+                "test_size": test_size, "defence": defence, "threshold": threshold, "seed": seed,
+                "n_train": int(train.n_obs), "n_test": int(test.n_obs), "n_triggered_test": int(triggered.n_cells),
+                **trigger.describe()}
+
+    def scores(fitted: Any) -> dict[str, float]:
+        return _score_predictions(y_test, fitted.predict_tokens(test_cells), fitted.predict_tokens(triggered), target)
+
+    t1 = time.perf_counter()
+    clean = clean_victim if clean_victim is not None else victim.fit_tokens(train_cells, y_train, label_key)
+    seconds["clean_fit"] = time.perf_counter() - t1
+    rows = [("clean", m, v) for m, v in scores(clean).items()]
+
+    t1 = time.perf_counter()
+    gini = None if selection == "random" else gini_coefficient(layer_matrix(train, layer))
+    cells, y_poisoned, poisoned = poison_tokens(train_cells, y_train, target, rate=rate, trigger=trigger,
+                                                selection=selection, gini=gini, seed=seed)
+    settings["n_poisoned"] = int(poisoned.sum())
+    bad = victim.fit_tokens(cells, y_poisoned, label_key)
+    seconds["poisoned_fit"] = time.perf_counter() - t1
+    rows += [("poisoned", m, v) for m, v in scores(bad).items()]
+
+    detection: dict[str, float] = {}
+    table = None
+    if defence is not None:
+        t2 = time.perf_counter()
+        pcs = top_variance_pca(log1p_cp10k(layer_matrix(train, layer)), 50, seed) if token_knn else None
+        table = audit_tokens(cells, y_poisoned, embedding=pcs, threshold=threshold, label_key=label_key)
+        seconds["audit"] = time.perf_counter() - t2
+        flagged = table["flagged"].to_numpy()
+        detection = detection_metrics(table["score"].to_numpy(), poisoned, flagged)
+        for col in [c for c in table.columns if c.endswith("_z")]:
+            detection[f"auroc_{col[:-2]}"] = detection_metrics(table[col].to_numpy(), poisoned).get(
+                "auroc", float("nan"))
+        t3 = time.perf_counter()
+        if defence == "fine_prune":  # trusted: clean training cells, tokenized from their (untouched) counts
+            clean_rows = np.flatnonzero(~poisoned)
+            n_trusted = max(2, int(round(trusted_fraction * clean_rows.size)))
+            trusted = np.sort(np.random.default_rng(seed).choice(clean_rows, size=n_trusted, replace=False))
+            fixed = bad.fine_prune(train[trusted].copy(), label_key, layer=layer)
+            extra = ("n_trusted", float(n_trusted))
+        elif defence == "remove":
+            fixed = victim.fit_tokens(cells.select(np.flatnonzero(~flagged)), y_poisoned[~flagged], label_key)
+            extra = ("n_removed", float(flagged.sum()))
+        else:
+            labelled = train.copy()
+            labelled.obs[label_key] = pd.Categorical(y_poisoned)
+            relabelled = _relabel(labelled, label_key, flagged, layer, seed).obs[label_key].astype(str).to_numpy()
+            fixed = victim.fit_tokens(cells, relabelled, label_key)
+            extra = ("n_relabelled", float(flagged.sum()))
+        seconds["defended_fit"] = time.perf_counter() - t3
+        rows += [("defended", m, v) for m, v in scores(fixed).items()]
+        rows.append(("defended", *extra))
+    seconds["total"] = time.perf_counter() - t0
+    tidy = pd.DataFrame(rows, columns=["stage", "metric", "value"])
+    logger.info("token attack %s -> %s: %s", settings["victim"], target,
                 tidy[tidy.metric.isin(["accuracy", "asr"])].to_dict("records"))
     return AttackResult(tidy, detection, settings, table, seconds)
 

@@ -27,7 +27,7 @@ import scipy.sparse as sp
 from scforge._inputs import as_text_labels, obs_labels
 from scforge.errors import ConfigError, InputDataError
 
-__all__ = ["gini_coefficient", "select_poison_cells", "poison", "PoisonedData", "SELECTIONS"]
+__all__ = ["gini_coefficient", "select_poison_cells", "poison", "poison_tokens", "PoisonedData", "SELECTIONS"]
 
 SELECTIONS = ("gini", "gini_faithful", "random")
 
@@ -197,15 +197,21 @@ def poison(
 
 
 def poison_tokens(cells: Any, labels: Any, target: str, *, rate: float = 0.05, trigger: Any = None,
+                  selection: str = "random", gini: np.ndarray | None = None,
                   seed: int = 0) -> tuple[Any, np.ndarray, np.ndarray]:
-    """Geneformer-style poisoning on rank-value tokens: stratified random cells (``"random"``
-    selection), :class:`~scforge.security.RankShuffleTrigger` (top 20) applied, labels flipped.
-    Returns ``(new_cells, new_labels, poisoned_mask)``; the inputs are not changed."""
+    """Geneformer-style poisoning on rank-value tokens: cells chosen by ``selection`` (default
+    ``"random"``, the published stratified sampling; the Gini methods need ``gini``, one value per
+    cell, e.g. :func:`gini_coefficient` of the cells' counts), the token ``trigger`` (default
+    :class:`~scforge.security.RankShuffleTrigger`, top 20) applied to them, their labels flipped to
+    ``target``. Returns ``(new_cells, new_labels, poisoned_mask)``; the inputs are not changed."""
     from scforge.security.triggers import RankShuffleTrigger
 
     trigger = RankShuffleTrigger() if trigger is None else trigger
+    if getattr(trigger, "name", "") != "rank_shuffle":
+        raise ConfigError(f"poison_tokens() applies token triggers (RankShuffleTrigger), got {type(trigger).__name__}; "
+                          "expression triggers go through poison().")
     y = as_text_labels(labels, n=cells.n_cells)
-    idx = select_poison_cells(y, target, rate, method="random", seed=seed)
+    idx = select_poison_cells(y, target, rate, method=selection, gini=gini, seed=seed)
     new_cells = trigger.apply(cells, idx, seed=seed)
     new_y = y.copy()
     new_y[idx] = str(target)

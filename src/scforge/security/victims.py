@@ -4,6 +4,11 @@ A victim is fitted with :meth:`fit` (returning a fitted copy; the victim itself 
 victim serves many experiments) and then gives :meth:`predict` (labels), :meth:`predict_proba`
 (probabilities over :attr:`classes`) and :meth:`victim_embedding` (the representation the model-level
 detectors read, and the groups to read it in).
+
+A :class:`ModelVictim` of a Geneformer-family model (rank-value tokens: Geneformer, scCello) also
+trains and predicts on tokenized cells (:meth:`ModelVictim.tokenize`, :meth:`ModelVictim.fit_tokens`,
+:meth:`ModelVictim.predict_tokens`), for triggers that act after tokenization
+(:class:`~scforge.security.RankShuffleTrigger`).
 """
 
 from __future__ import annotations
@@ -15,7 +20,12 @@ import numpy as np
 
 from scforge.errors import ConfigError
 
-__all__ = ["LogisticVictim", "ModelVictim", "as_victim"]
+__all__ = ["LogisticVictim", "ModelVictim", "as_victim", "require_token_victim"]
+
+TOKEN_TRIGGER_HELP = ("RankShuffleTrigger acts on rank-value tokens, so it needs a Geneformer-family victim "
+                      "(a Geneformer or scCello model from scforge.load(...), or ModelVictim(model)); the logistic "
+                      "victim and scGPT/scBERT models (binned tokens) take the expression triggers SparsifyTrigger "
+                      "and FixedGeneTrigger.")
 
 
 class LogisticVictim:
@@ -110,6 +120,54 @@ class ModelVictim:
     def predict(self, adata: Any, *, layer: str | None = None) -> np.ndarray:
         return np.asarray(self.classes, dtype=object)[self.predict_proba(adata, layer=layer).argmax(1)].astype(str)
 
+    # ---- rank-value tokens (Geneformer family) ----------------------------------------------------
+    def token_backend(self) -> Any:
+        """The base model's annotation backend, when it reads rank-value tokens; else :class:`ConfigError`."""
+        from scforge.models.geneformer.training import GeneformerAnnotationBackend
+        from scforge.tasks.annotate import backend_of
+
+        backend = backend_of(self.base)
+        if not isinstance(backend, GeneformerAnnotationBackend):
+            raise ConfigError(f"the victim is a {backend.family or type(self.base).__name__} model. "
+                              + TOKEN_TRIGGER_HELP)
+        return backend
+
+    def tokenize(self, adata: Any, *, layer: str | None = None) -> Any:
+        """``adata`` (raw counts in ``layer``) as the victim's classification recipe tokenizes it."""
+        backend = self.token_backend()
+        backend.check_input(adata, layer)
+        settings = backend.settings(self.kwargs["max_length"], self.kwargs["seed"])
+        return backend.tokenize(adata, layer, settings, self.progress)
+
+    def fit_tokens(self, cells: Any, labels: Any, label_key: str = "label") -> ModelVictim:
+        """A fitted copy, fine-tuned (:func:`~scforge.tasks.annotate.fine_tune`, unchanged) on already
+        tokenized ``cells`` with ``labels`` (one per cell): the model is handed to ``fine_tune`` as a
+        shallow copy whose annotation backend returns ``cells`` instead of tokenizing."""
+        import anndata as ad
+        import pandas as pd
+
+        from scforge._inputs import as_text_labels
+        from scforge.tasks.annotate import fine_tune
+
+        backend = self.token_backend()
+        y = as_text_labels(labels, n=cells.n_cells)
+        shim = copy.copy(self.base)
+        shim.annotation_backend = lambda: _PreTokenized(backend, cells)  # this copy only; the base is untouched
+        obs = pd.DataFrame({label_key: pd.Categorical(y)}, index=pd.Index(np.asarray(cells.obs_names).astype(str)))
+        fitted = copy.copy(self)
+        fitted.annotator = fine_tune(shim, ad.AnnData(obs=obs), label_key, progress=self.progress, check_input=False,
+                                     **self.kwargs)
+        return fitted
+
+    def predict_proba_tokens(self, cells: Any) -> np.ndarray:
+        """Class probabilities ``[cells, classes]`` of tokenized ``cells``."""
+        return self._fitted()._proba_cells(cells, batch_size=64, precision=self.kwargs["precision"],
+                                           progress=self.progress)
+
+    def predict_tokens(self, cells: Any) -> np.ndarray:
+        """Predicted labels of tokenized ``cells``."""
+        return np.asarray(self.classes, dtype=object)[self.predict_proba_tokens(cells).argmax(1)].astype(str)
+
     def fine_prune(self, trusted: Any, label_key: str, *, layer: str | None = None, fraction: float = 0.2,
                    epochs: int = 1, lr: float = 1e-4) -> ModelVictim:
         """A copy whose annotator is fine-pruned on the ``trusted`` clean cells (:func:`~scforge.security.fine_prune`)."""
@@ -126,6 +184,35 @@ class ModelVictim:
         emb = ann.backend.embed(adata, layer, progress=self.progress, max_length=ann.settings.get("max_length"),
                                 seed=ann.settings.get("seed", 0))
         return emb, self.predict(adata, layer=layer)
+
+
+class _PreTokenized:
+    """An annotation backend that hands out given tokenized cells instead of tokenizing (and skips the
+    count check: the cells are already tokens); everything else is the wrapped backend's."""
+
+    def __init__(self, backend: Any, cells: Any) -> None:
+        self._backend, self._cells = backend, cells
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backend, name)
+
+    def check_input(self, adata: Any, layer: str | None) -> None:
+        return None
+
+    def tokenize(self, adata: Any, layer: str | None, settings: dict[str, Any], progress: bool) -> Any:
+        if adata.n_obs != self._cells.n_cells:
+            raise ConfigError(f"{adata.n_obs} labels for {self._cells.n_cells} tokenized cells.")
+        return self._cells
+
+
+def require_token_victim(victim: Any) -> Any:
+    """``victim`` when it can take a token trigger (a :class:`ModelVictim` of a Geneformer-family
+    model); otherwise a :class:`ConfigError` saying which victims take which trigger."""
+    if not isinstance(victim, ModelVictim):
+        name = getattr(victim, "name", type(victim).__name__)
+        raise ConfigError(f"victim {name!r} cannot be trained on tokens. {TOKEN_TRIGGER_HELP}")
+    victim.token_backend()
+    return victim
 
 
 def as_victim(victim: Any, **kwargs: Any) -> Any:
