@@ -53,3 +53,24 @@ def test_audit_command_and_errors(h5ad, tmp_path, capsys):
     assert "no column 'nope'" in capsys.readouterr().err
     assert main(["attack", str(h5ad), "--label-key", KEY, "--target", "Martian", "--out", str(tmp_path / "x")]) == 2
     assert "Martian" in capsys.readouterr().err
+
+
+def test_attack_command_runs_the_geneformer_token_trigger(h5ad, tmp_path, capsys):
+    from scforge.models.geneformer import Geneformer, GeneformerConfig
+
+    tiny = GeneformerConfig(vocab_size=25426, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=64)
+    folder = Geneformer.new(tiny, "geneformer-v1", seed=0).save(tmp_path / "gf")
+    out = tmp_path / "tokens"
+    assert main(["attack", str(h5ad), "--label-key", KEY, "--target", "B", "--model", str(folder), "--trigger",
+                 "rank_shuffle", "--epochs", "1", "--max-length", "64", "--no-progress", "--out", str(out)]) == 0
+    run = json.loads(capsys.readouterr().out)[0]
+    saved = json.loads((out / "attack.json").read_text())
+    assert saved["settings"]["trigger"] == "rank_shuffle" and saved["settings"]["selection"] == "random"
+    assert saved["settings"]["input"] == "rank-value tokens" and saved["settings"]["max_length"] == 64
+    assert set(run["results"]) == {"clean", "poisoned", "defended"}
+    assert run["detection"]["auroc"] >= 0.95  # a triggered cell keeps 20 genes: the token audit sees it
+    # the logistic victim cannot take a token trigger: a clear error, exit code 2
+    assert main(["attack", str(h5ad), "--label-key", KEY, "--target", "B", "--trigger", "rank_shuffle",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "Geneformer-family victim" in capsys.readouterr().err

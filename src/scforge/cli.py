@@ -355,13 +355,13 @@ def _victim_arg(spec: str, args: argparse.Namespace) -> Any:
     import scforge
 
     return ModelVictim(scforge.load(spec), epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                       seed=args.seed, progress=not args.no_progress)
+                       max_length=getattr(args, "max_length", None), seed=args.seed, progress=not args.no_progress)
 
 
 def _cmd_attack(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from scforge.security import SparsifyTrigger, run_attack, split_cells
+    from scforge.security import RankShuffleTrigger, SparsifyTrigger, run_attack, split_cells
     from scforge.security.report import write_sweep_report
     from scforge.security.triggers import FixedGeneTrigger
 
@@ -370,12 +370,16 @@ def _cmd_attack(args: argparse.Namespace) -> int:
     split = tuple(args.split_by) if args.split_by else "random"
     if args.trigger == "sparsify":
         trigger = SparsifyTrigger(topnstop=args.topnstop, scale=args.scale)
+    elif args.trigger == "rank_shuffle":  # Geneformer-family victims: the trigger acts on their tokens
+        trigger = RankShuffleTrigger(top=args.top)
     else:
         if not args.trigger_genes:
             raise ScforgeError("--trigger fixed_genes needs --trigger-genes GENE [GENE ...].")
         trigger = FixedGeneTrigger(tuple(args.trigger_genes), quantile=args.quantile)
-    train_idx, _ = split_cells(adata, args.label_key, split=split, test_size=args.test_size, seed=args.seed)
-    clean = victim.fit(adata[train_idx].copy(), args.label_key, layer=args.layer)
+    clean = None  # fitted once and shared by every run (the token path fits its own on tokens)
+    if args.trigger != "rank_shuffle":
+        train_idx, _ = split_cells(adata, args.label_key, split=split, test_size=args.test_size, seed=args.seed)
+        clean = victim.fit(adata[train_idx].copy(), args.label_key, layer=args.layer)
     out = Path(args.out)
     runs, parts = [], []
     single = len(args.target) * len(args.rate) == 1
@@ -638,13 +642,17 @@ def build_parser() -> argparse.ArgumentParser:
     atk.add_argument("--model", default="logistic", help="victim: 'logistic' (L1-LR) or a model folder / 'default'")
     atk.add_argument("--out", default="attack-report", help="report folder")
     atk.add_argument("--layer", default=None, help="layer holding the expression (default: X)")
-    atk.add_argument("--trigger", default="sparsify", choices=["sparsify", "fixed_genes"])
+    atk.add_argument("--trigger", default="sparsify", choices=["sparsify", "fixed_genes", "rank_shuffle"],
+                     help="sparsify / fixed_genes act on the expression; rank_shuffle (scBackdoor's Geneformer "
+                          "trigger) on the rank-value tokens of a Geneformer-family --model")
+    atk.add_argument("--top", type=int, default=20, help="rank_shuffle: top-ranked genes kept and shuffled")
     atk.add_argument("--topnstop", type=float, default=2.0, help="sparsify threshold (default 2.0)")
     atk.add_argument("--scale", default="log1p", choices=["log1p", "log2", "values"],
                      help="values the threshold applies to (log1p/log2 CP10k of counts, or the values as given)")
     atk.add_argument("--trigger-genes", nargs="+", help="genes of the fixed-gene trigger")
     atk.add_argument("--quantile", type=float, default=0.99, help="fixed-gene trigger level (quantile)")
-    atk.add_argument("--selection", default="gini", choices=["gini", "gini_faithful", "random"])
+    atk.add_argument("--selection", default=None, choices=["gini", "gini_faithful", "random"],
+                     help="poisoned-cell choice (default the published one: gini, random for rank_shuffle)")
     atk.add_argument("--split-by", nargs=3, metavar=("COLUMN", "TRAIN", "TEST"),
                      help="train on obs[COLUMN]==TRAIN, test on ==TEST (default: stratified 80/20 hold-out)")
     atk.add_argument("--test-size", type=float, default=0.2)
@@ -656,6 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
     atk.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs (model victim)")
     atk.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate (model victim)")
     atk.add_argument("--batch-size", type=int, default=32)
+    atk.add_argument("--max-length", type=int, default=None, help="tokens per cell (model victim; default the model's)")
     atk.add_argument("--seed", type=int, default=0)
     atk.add_argument("--no-progress", action="store_true")
     atk.set_defaults(func=_cmd_attack)
