@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import anndata as ad
+import numpy as np
 import pandas as pd
 
 from scforge.security import ModelVictim, SparsifyTrigger, run_attack, split_cells, sweep_attack
@@ -44,6 +45,11 @@ def main() -> None:
                     help="also sweep L1-LR's C x rate x topnstop for the first target (no defence)")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--max-length", type=int, default=None,
+                    help="tokens per cell for the model victim (default: the model's own)")
+    ap.add_argument("--n-hvg", type=int, default=None,
+                    help="restrict the data to this many HVGs (seurat_v3 on the counts of all cells) before "
+                         "the experiment, as scBackdoor's preprocessed datasets are (3,000 HVGs)")
     ap.add_argument("--out", default="benchmarks/_work/security")
     ap.add_argument("--detector-study", action="store_true",
                     help="only: audit detection on several triggers and selections (no training)")
@@ -51,6 +57,13 @@ def main() -> None:
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     adata = ad.read_h5ad(args.data)
+    if args.n_hvg:
+        import scanpy as sc
+
+        hvg = sc.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=args.n_hvg, inplace=False)
+        adata = adata[:, hvg["highly_variable"].to_numpy()].copy()
+        print(f"restricted to {adata.n_vars} HVGs; expressed genes per cell: median "
+              f"{int(np.median(adata.X.getnnz(axis=1)))}, max {adata.X.getnnz(axis=1).max()}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.detector_study:
@@ -64,7 +77,8 @@ def main() -> None:
         else:
             import scforge
 
-            victim = ModelVictim(scforge.load(victim_name), epochs=args.epochs, lr=args.lr, batch_size=32)
+            victim = ModelVictim(scforge.load(victim_name), epochs=args.epochs, lr=args.lr, batch_size=32,
+                                 max_length=args.max_length)
             targets, model_level, stops, defence = args.model_targets, True, args.model_topnstops, args.defence
         for split_name in args.splits:
             split = SPLITS[split_name]
