@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--model-topnstops", type=float, nargs="+", default=[2.0], help="trigger thresholds (model)")
     ap.add_argument("--defence", default="remove", choices=["remove", "relabel", "fine_prune"],
                     help="defence for the model victim (the logistic victim always uses remove)")
+    ap.add_argument("--threshold", type=float, default=5.0,
+                    help="audit threshold (robust z) above which a training cell is flagged and removed")
     ap.add_argument("--lr-sweep", action="store_true",
                     help="also sweep L1-LR's C x rate x topnstop for the first target (no defence)")
     ap.add_argument("--epochs", type=int, default=5)
@@ -89,7 +91,7 @@ def main() -> None:
             for target, stop in [(t, s) for s in stops for t in targets]:
                 res = run_attack(adata, args.label_key, target, victim=victim, rate=args.rate, split=split,
                                  trigger=SparsifyTrigger(topnstop=stop), defence=defence, clean_victim=clean,
-                                 model_level=model_level, seed=0)
+                                 model_level=model_level, threshold=args.threshold, seed=0)
                 run_dir = out / f"{victim_name}_{split_name}_{target.replace(' ', '_')}_topnstop{stop:g}"
                 res.save(run_dir)
                 wide = res.wide()

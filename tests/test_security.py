@@ -202,6 +202,39 @@ def test_knn_disagreement_and_robust_z():
     assert z[-1] == pytest.approx(20.0)
 
 
+def test_robust_z_trim_reestimates_the_reference_without_the_outlying_third():
+    rng = np.random.default_rng(0)
+    values = np.r_[rng.normal(size=60), np.full(40, 8.0)]
+    plain, trimmed = robust_z(values), robust_z(values, trim=3.0)
+    assert plain[60:].max() < 4  # 40% at one value inflate the MAD and shift the median
+    assert trimmed[60:].min() > 6 and abs(np.median(trimmed[:60])) < 0.3  # the reference is the clean 60
+    assert np.abs(trimmed[:60]).max() < 4
+    groups = np.r_[np.zeros(100, int), np.ones(100, int)]
+    both = robust_z(np.r_[values, values], groups, trim=3.0)
+    np.testing.assert_allclose(both, np.r_[trimmed, trimmed])
+    majority = np.r_[rng.normal(size=40), np.full(60, 8.0)]  # more than half outlying: not trimmed
+    np.testing.assert_allclose(robust_z(majority, trim=3.0), robust_z(majority))
+    with pytest.raises(ConfigError, match="trim"):
+        robust_z(values, trim=0)
+
+
+def test_sparsity_finds_poisons_that_make_up_a_third_of_the_target_class(ifnb_small, cells):
+    import scanpy as sc
+
+    from scforge.security.detect import sparsity_scores
+
+    hvg = sc.pp.highly_variable_genes(ifnb_small, flavor="seurat_v3", n_top_genes=1000, inplace=False)
+    h = cells[:, hvg["highly_variable"].to_numpy()].copy()  # scBackdoor's HVG-restricted input
+    p = poison(h, KEY, "B", rate=0.05, trigger=SparsifyTrigger(topnstop=5.0), seed=0)
+    y = p.adata.obs[KEY].astype(str).to_numpy()
+    assert p.poisoned.sum() / (y == "B").sum() > 0.4
+    scores = sparsity_scores(p.adata.X, y)
+    untrimmed = robust_z(-np.log1p(scores["n_genes"]), y)
+    assert (untrimmed[p.poisoned] > 5).mean() < 0.1  # the class's own poisons hide them
+    m = detection_metrics(scores["sparsity"], p.poisoned, scores["sparsity"] > 5)
+    assert m["recall"] > 0.9 and m["precision"] == 1.0 and m["auroc"] > 0.999
+
+
 def test_spectral_signatures_and_activation_clustering_find_a_planted_subgroup():
     rng = np.random.default_rng(0)
     clean = rng.normal(size=(95, 16))

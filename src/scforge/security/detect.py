@@ -55,20 +55,38 @@ def percentile_rank(score: np.ndarray) -> np.ndarray:
     return rankdata(score, method="average") / max(score.size, 1)
 
 
-def robust_z(values: np.ndarray, groups: np.ndarray | None = None, *, min_scale: float = 0.0) -> np.ndarray:
+def robust_z(values: np.ndarray, groups: np.ndarray | None = None, *, min_scale: float = 0.0,
+             trim: float | None = None) -> np.ndarray:
     """``(v - median) / max(1.4826 * MAD, min_scale)`` of ``values``, within each group when ``groups``
-    is given. A group whose scale is 0 uses its standard deviation (and 1 if that is 0 too)."""
+    is given. A group whose scale is 0 uses its standard deviation (and 1 if that is 0 too).
+
+    ``trim`` (for scores where only high values are suspect): the scale is the MAD of the values below
+    the median, and the median and scale are re-estimated without the values above ``trim`` (in z)
+    until the kept set stops changing, keeping at least half of the group. A group that is a third
+    poisoned (the target class after a label flip) otherwise inflates its own MAD and hides them."""
+    if trim is not None and not trim > 0:
+        raise ConfigError(f"trim must be a z-score > 0, got {trim}.")
     values = np.asarray(values, dtype=np.float64)
     out = np.zeros_like(values)
     keys = np.zeros(values.size, dtype=np.int64) if groups is None else np.unique(groups, return_inverse=True)[1]
     for k in np.unique(keys):
         m = keys == k
         v = values[m]
-        med = np.median(v)
-        scale = max(1.4826 * np.median(np.abs(v - med)), min_scale)
-        if not scale > 0:
-            scale = v.std() if v.std() > 0 else 1.0
-        out[m] = (v - med) / scale
+        ref = v
+        for _ in range(1 if trim is None else 20):
+            med = np.median(ref)
+            spread = np.abs(ref - med) if trim is None else med - ref[ref <= med]  # trimmed: the clean side
+            scale = max(1.4826 * np.median(spread), min_scale)
+            if not scale > 0:
+                scale = ref.std() if ref.std() > 0 else 1.0
+            z = (v - med) / scale
+            if trim is None:
+                break
+            kept = v[z <= trim]
+            if kept.size == ref.size or 2 * kept.size < v.size:
+                break
+            ref = kept
+        out[m] = z
     return out
 
 
@@ -155,15 +173,17 @@ def anomaly_ensemble(x: Any, labels: Any, *, combine: str = "rank", top_percent:
 
 def sparsity_scores(counts: Any, labels: Any) -> dict[str, np.ndarray]:
     """Robust z-scores within each labelled class of ``-log(genes detected)`` and of the Gini
-    coefficient, and their maximum (``"sparsity"``). Works on counts or any non-negative matrix."""
+    coefficient, and their maximum (``"sparsity"``). Works on counts or any non-negative matrix.
+    The class references are trimmed at z 3 (:func:`robust_z`), so poisons flipped into the target
+    class, which can make up a third of it, do not set its own median and MAD."""
     from scforge.security.poison import gini_coefficient
 
     x = sp.csr_matrix(counts)
     y = _labels(labels, x.shape[0])
     n_genes = np.diff(x.indptr).astype(np.float64)
     g = gini_coefficient(x)
-    z_genes = robust_z(-np.log1p(n_genes), y)
-    z_gini = robust_z(g, y)
+    z_genes = robust_z(-np.log1p(n_genes), y, trim=3.0)
+    z_gini = robust_z(g, y, trim=3.0)
     return {"n_genes": n_genes, "gini": g, "z_few_genes": z_genes, "z_gini": z_gini,
             "sparsity": np.maximum(z_genes, z_gini)}
 
