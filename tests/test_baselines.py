@@ -286,6 +286,23 @@ def test_hvgpca_equals_scanpy(ifnb, pca_fit):
     np.testing.assert_allclose(np.abs(model.components_), np.abs(ref.varm["PCs"].T), atol=1e-5)
 
 
+def test_highly_variable_genes_mask_equals_scanpy_and_leaves_the_data_alone(ifnb, pca_fit):
+    import scanpy as sc
+
+    from scforge.baselines import highly_variable_genes
+
+    snap = snapshot(ifnb)
+    mask = highly_variable_genes(ifnb, 1200)
+    assert_unchanged(ifnb, snap)
+    ref = sc.pp.highly_variable_genes(ifnb, flavor="seurat_v3", n_top_genes=1200, inplace=False)
+    np.testing.assert_array_equal(mask, ref["highly_variable"].to_numpy())
+    assert mask.sum() == 1200
+    assert list(ifnb.var_names[highly_variable_genes(ifnb, 2000)]) == list(pca_fit[0].genes_)
+    assert highly_variable_genes(ifnb, 10**6).all()
+    with pytest.raises(ConfigError, match="n_top_genes"):
+        highly_variable_genes(ifnb, 0)
+
+
 def test_hvgpca_transform(ifnb, pca_fit):
     model, pcs = pca_fit
     snap = snapshot(ifnb)

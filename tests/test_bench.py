@@ -306,6 +306,38 @@ def test_train_seeds_limit_only_the_training_modes(workspace):
         load_config(bad)
 
 
+def test_a_model_can_read_only_the_datasets_hvgs(workspace):
+    """``n_hvg``: the model embeds and trains on the dataset's HVGs; the cache keys tell the two apart."""
+    from scforge.baselines import highly_variable_genes
+    from scforge.bench.runner import _Runner
+
+    path = _config(workspace, "hvg", "modes: [knn, fine_tune]\nbaselines: []\nseeds: [0]\nfractions: [1.0]\n"
+                   "training: {epochs: 1, batch_size: 64}\n")
+    path_hvg = workspace / "hvg2.yaml"
+    path_hvg.write_text(open(path).read().replace("max_length: 64}", "max_length: 64, n_hvg: 300}")
+                        .replace("hvg-out", "hvg2-out"))
+    runner = _Runner(load_config(path_hvg), lambda m: None)
+    ds = runner.dataset(runner.config.datasets[0])
+    spec = runner.config.models[0]
+    assert spec.n_hvg == 300
+    cells = ad.read_h5ad(workspace / "cells.h5ad")
+    np.testing.assert_array_equal(runner.model_genes(ds, spec), np.flatnonzero(highly_variable_genes(cells, 300)))
+    emb = runner.model_embedding(ds, spec)
+    plain = _Runner(load_config(path), lambda m: None)
+    full = plain.model_embedding(plain.dataset(plain.config.datasets[0]), plain.config.models[0])
+    assert emb.shape == full.shape and not np.allclose(emb, full)  # a different input, a different cache entry
+    want = runner_mod.embed_cells(runner.model(spec), cells[:, runner.model_genes(ds, spec)].copy(),
+                                  batch_size=64, max_length=64)
+    np.testing.assert_allclose(emb, want, rtol=1e-4, atol=1e-5)
+    r = run_matrix(str(path_hvg), log=None, report=False).results
+    tuned = r[(r["mode"] == "fine_tune") & (r.metric == "accuracy")]
+    assert len(tuned) == 1 and 0 < tuned.value.iloc[0] <= 1
+    bad = workspace / "hvg3.yaml"
+    bad.write_text(open(path).read().replace("max_length: 64}", "max_length: 64, n_hvg: 0}"))
+    with pytest.raises(ConfigError, match="n_hvg"):
+        load_config(bad)
+
+
 def test_sccello_runs_in_every_annotation_mode(workspace):
     """scCello takes part in the matrix like the other families: embedding modes and training modes."""
     from scforge.models.sccello import ScCello

@@ -8,7 +8,7 @@ Heavy libraries (scanpy, harmonypy) are imported only when a function needs them
 from scforge.baselines.coexpression import coexpression_difference, coexpression_network
 from scforge.baselines.harmony import harmony_integrate, harmony_pca
 from scforge.baselines.logistic import DEFAULT_C_GRID, LogisticBaseline, log1p_cp10k, log2_cp10k
-from scforge.baselines.pca import HVGPCA, hvg_pca
+from scforge.baselines.pca import HVGPCA, highly_variable_genes, hvg_pca
 from scforge.baselines.perturbation import (Additive, FeatureRegressor, LinearModel, NoChange,
                                             PerturbationBaseline, TrainMean, baseline_registry,
                                             go_feature_matrix, make_baseline)
@@ -34,6 +34,7 @@ __all__ = [
     "LogisticBaseline",
     "harmony_integrate",
     "harmony_pca",
+    "highly_variable_genes",
     "hvg_pca",
     "log1p_cp10k",
     "log2_cp10k",

@@ -161,3 +161,19 @@ def hvg_pca(adata: Any, n_top_genes: int = 2000, n_comps: int = 50, *, layer: st
             seed: int = 0) -> np.ndarray:
     """PCs ``[cells, n_comps]`` of raw counts: ``HVGPCA(n_top_genes, n_comps, seed=seed).fit_transform``."""
     return HVGPCA(n_top_genes, n_comps, seed=seed).fit_transform(adata, layer=layer)
+
+
+def highly_variable_genes(adata: Any, n_top_genes: int = 2000, *, layer: str | None = None,
+                          flavor: str = "seurat_v3") -> np.ndarray:
+    """Boolean mask over ``adata.var`` of the ``n_top_genes`` highly variable genes, chosen as
+    :class:`HVGPCA` chooses them (scanpy's ``highly_variable_genes``; ``seurat_v3`` on the raw counts of
+    ``layer``, the others on log1p CP10k). All genes when ``n_top_genes`` >= the number of genes.
+    The AnnData is not changed."""
+    chooser = HVGPCA(n_top_genes, 1, flavor=flavor)
+    counts, names, source = read_matrix(adata, layer, counts=True, what="highly_variable_genes")
+    if not names.is_unique:
+        dup = names[names.duplicated()].unique()[:5].tolist()
+        raise InputDataError(f"{source.where} has duplicated gene names (e.g. {dup}); call "
+                             "adata.var_names_make_unique() first.")
+    lognorm = None if flavor in _COUNT_FLAVORS else log1p_cp10k(counts)
+    return chooser._hvg(counts, lognorm, names)

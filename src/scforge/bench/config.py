@@ -52,12 +52,15 @@ class DatasetSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model for :func:`scforge.load` (``"default"``, a folder or a published checkpoint)."""
+    """A model for :func:`scforge.load` (``"default"``, a folder or a published checkpoint).
+    ``n_hvg``: the model reads only the dataset's ``n_hvg`` highly variable genes (seurat_v3 on the
+    counts of all its cells, no labels), as scGPT's and scBackdoor's preprocessing does."""
 
     name: str
     path: str
     batch_size: int = 64
     max_length: int | None = None
+    n_hvg: int | None = None
 
 
 @dataclass(frozen=True)
@@ -202,11 +205,14 @@ def _dataset(name: str, spec: Any, base: Path) -> DatasetSpec:
 def _model(name: str, spec: Any, base: Path) -> ModelSpec:
     spec, raw = _entry("models", name, spec, "'path' (\"default\", a folder or a checkpoint)")
     path = raw if raw == "default" else str(_local(raw, base))
+    n_hvg = spec.get("n_hvg")
+    if n_hvg is not None and (isinstance(n_hvg, bool) or not isinstance(n_hvg, int) or n_hvg < 1):
+        raise ConfigError(f"models.{name}: n_hvg must be an integer >= 1 (or left out for all genes), got {n_hvg!r}.")
     try:
         return ModelSpec(name=name, path=path, **spec)
     except TypeError:
-        raise ConfigError(f"models.{name}: unknown keys {sorted(spec)}; allowed: path, batch_size, max_length.") \
-            from None
+        raise ConfigError(f"models.{name}: unknown keys {sorted(spec)}; allowed: path, batch_size, max_length, "
+                          "n_hvg.") from None
 
 
 def _tuple(data: dict, key: str, default: tuple, kind: type) -> tuple:

@@ -119,6 +119,7 @@ class _Runner:
         self._datasets: dict[str, _Dataset] = {}
         self._models: dict[str, tuple[Any, str]] = {}
         self._model_fp: dict[str, str] = {}
+        self._hvgs: dict[tuple[str, int], np.ndarray] = {}
         self._splits: dict[str, list[Split]] = {}
         self.model_specs = {m.name: m for m in config.models}
 
@@ -182,11 +183,28 @@ class _Runner:
         return self._cached(parts, lambda: harmony_integrate(self.pca(ds), ds.batches, seed=c.split_seed),
                             f"{ds.spec.name} Harmony")
 
+    def model_genes(self, ds: _Dataset, spec: ModelSpec) -> np.ndarray | None:
+        """Positions of the genes the model reads (its ``n_hvg`` HVGs of the whole dataset), or None for all."""
+        if spec.n_hvg is None:
+            return None
+        key = (ds.spec.name, spec.n_hvg)
+        if key not in self._hvgs:
+            from scforge.baselines import highly_variable_genes
+
+            self._hvgs[key] = np.flatnonzero(highly_variable_genes(ds.adata, spec.n_hvg, layer=ds.spec.layer))
+        return self._hvgs[key]
+
+    def model_input(self, ds: _Dataset, spec: ModelSpec, adata: Any) -> Any:
+        """``adata`` restricted to the genes the model reads (a copy when restricted)."""
+        genes = self.model_genes(ds, spec)
+        return adata if genes is None else adata[:, genes].copy()
+
     def model_embedding(self, ds: _Dataset, spec: ModelSpec) -> np.ndarray:
         parts = {"name": spec.name, "dataset": ds.spec.name, "data": ds.fingerprint, "layer": ds.spec.layer,
-                 "model": self.model_fingerprint(spec), "max_length": spec.max_length}
-        return self._cached(parts, lambda: embed_cells(self.model(spec), ds.adata, layer=ds.spec.layer,
-                                                       batch_size=spec.batch_size, max_length=spec.max_length),
+                 "model": self.model_fingerprint(spec), "max_length": spec.max_length, **_hvg_part(spec)}
+        return self._cached(parts, lambda: embed_cells(self.model(spec), self.model_input(ds, spec, ds.adata),
+                                                       layer=ds.spec.layer, batch_size=spec.batch_size,
+                                                       max_length=spec.max_length),
                             f"{ds.spec.name} with {spec.name}")
 
     def integrated(self, ds: _Dataset, spec: ModelSpec) -> np.ndarray:
@@ -196,13 +214,14 @@ class _Runner:
         c = self.config
         parts = {"name": f"{spec.name}-integrated", "dataset": ds.spec.name, "data": ds.fingerprint,
                  "layer": ds.spec.layer, "model": self.model_fingerprint(spec), "batch_key": ds.spec.batch_key,
-                 "settings": c.integration_finetune, "seed": c.split_seed}
+                 "settings": c.integration_finetune, "seed": c.split_seed, **_hvg_part(spec)}
 
         def compute() -> np.ndarray:
-            tuned = fine_tune_integration(self.model(spec), ds.adata, ds.spec.batch_key, layer=ds.spec.layer,
+            cells = self.model_input(ds, spec, ds.adata)
+            tuned = fine_tune_integration(self.model(spec), cells, ds.spec.batch_key, layer=ds.spec.layer,
                                           settings=IntegrationSettings(**c.integration_finetune), seed=c.split_seed,
                                           progress=False)
-            return tuned.embed(ds.adata, ds.spec.layer, key_added=None)
+            return tuned.embed(cells, ds.spec.layer, key_added=None)
 
         return self._cached(parts, compute, f"{ds.spec.name} with {spec.name} (integration fine-tune)")
 
@@ -244,7 +263,8 @@ class _Runner:
                                 if msg not in skipped:
                                     skipped.append(msg)
                                 continue
-                            s = {**base, "model": self.model_fingerprint(mspec), "max_length": mspec.max_length}
+                            s = {**base, "model": self.model_fingerprint(mspec), "max_length": mspec.max_length,
+                                 **_hvg_part(mspec)}
                             if mode == "knn":
                                 s["n_neighbors"] = c.n_neighbors
                             elif mode == "linear_probe":
@@ -260,7 +280,7 @@ class _Runner:
                          "layer": dspec.layer, "n_pcs": c.n_pcs, "n_top_genes": c.n_top_genes, "seed": c.split_seed}
                     if kind == "model":
                         m = self.model_specs[name]
-                        s.update(model=self.model_fingerprint(m), max_length=m.max_length)
+                        s.update(model=self.model_fingerprint(m), max_length=m.max_length, **_hvg_part(m))
                     units.append(Unit("integration", dspec.name, name, kind, "zero_shot" if kind == "model"
                                       else "baseline", c.split_seed, float("nan"), s))
                     if kind == "model" and c.integration_finetune is not None:
@@ -319,11 +339,11 @@ class _Runner:
             model = untrained_copy(model, seed=unit.seed)
             if unit.mode == "no_pretraining_frozen":
                 freeze = embedding_prefixes(model)
-        train = ds.cells(split.train)
+        train = self.model_input(ds, spec, ds.cells(split.train))
         tuned = fine_tune(model, train, ds.spec.label_key, layer=ds.spec.layer, epochs=c.epochs, lr=c.lr,
                           batch_size=c.batch_size, max_length=c.max_length or spec.max_length,
                           val_fraction=c.val_fraction, freeze=freeze, seed=unit.seed, progress=False)
-        proba = tuned.predict(ds.cells(split.test), layer=ds.spec.layer, progress=False)
+        proba = tuned.predict(self.model_input(ds, spec, ds.cells(split.test)), layer=ds.spec.layer, progress=False)
         return proba.columns.to_numpy()[proba.to_numpy().argmax(1)]
 
     def _integration(self, unit: Unit, ds: _Dataset) -> pd.DataFrame:
@@ -352,6 +372,11 @@ def _rows(unit: Unit, values: dict[str, float], *, n_train: int, n_test: int) ->
         "value": [float(v) for v in values.values()], "n_train": int(n_train), "n_test": int(n_test),
         "task": unit.task,
     })
+
+
+def _hvg_part(spec: ModelSpec) -> dict[str, int]:
+    """The cache-key entry for a model's gene restriction (absent for all genes, so old keys hold)."""
+    return {} if spec.n_hvg is None else {"n_hvg": spec.n_hvg}
 
 
 def _is_scgpt(model: Any) -> bool:
