@@ -50,10 +50,9 @@ def main() -> None:
     model = scforge.load(args.model)
     model_train, model_test = train, test  # the model's input; L1-LR always reads every gene
     if args.n_hvg:
-        import scanpy as sc
+        from scforge.baselines import highly_variable_genes
 
-        hvg = sc.pp.highly_variable_genes(train, flavor="seurat_v3", n_top_genes=args.n_hvg, inplace=False)
-        keep = hvg["highly_variable"].to_numpy()
+        keep = highly_variable_genes(train, args.n_hvg)
         model_train, model_test = train[:, keep].copy(), test[:, keep].copy()
     runs: dict[str, list[dict]] = {}
 

@@ -60,10 +60,9 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     adata = ad.read_h5ad(args.data)
     if args.n_hvg:
-        import scanpy as sc
+        from scforge.baselines import highly_variable_genes
 
-        hvg = sc.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=args.n_hvg, inplace=False)
-        adata = adata[:, hvg["highly_variable"].to_numpy()].copy()
+        adata = adata[:, highly_variable_genes(adata, args.n_hvg)].copy()
         print(f"restricted to {adata.n_vars} HVGs; expressed genes per cell: median "
               f"{int(np.median(adata.X.getnnz(axis=1)))}, max {adata.X.getnnz(axis=1).max()}", flush=True)
     out = Path(args.out)

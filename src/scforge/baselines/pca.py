@@ -107,10 +107,7 @@ class HVGPCA:
         from sklearn.decomposition import PCA
 
         counts, names, source = read_matrix(adata, layer, counts=True, what="HVGPCA")
-        if not names.is_unique:
-            dup = names[names.duplicated()].unique()[:5].tolist()
-            raise InputDataError(f"{source.where} has duplicated gene names (e.g. {dup}); call "
-                                 "adata.var_names_make_unique() first.")
+        _require_unique(names, source)
         n_cells = counts.shape[0]
         n_genes = min(self.n_top_genes, len(names))
         if self.n_comps >= min(n_cells, n_genes):
@@ -171,9 +168,13 @@ def highly_variable_genes(adata: Any, n_top_genes: int = 2000, *, layer: str | N
     The AnnData is not changed."""
     chooser = HVGPCA(n_top_genes, 1, flavor=flavor)
     counts, names, source = read_matrix(adata, layer, counts=True, what="highly_variable_genes")
+    _require_unique(names, source)
+    lognorm = None if flavor in _COUNT_FLAVORS else log1p_cp10k(counts)
+    return chooser._hvg(counts, lognorm, names)
+
+
+def _require_unique(names: pd.Index, source: Any) -> None:
     if not names.is_unique:
         dup = names[names.duplicated()].unique()[:5].tolist()
         raise InputDataError(f"{source.where} has duplicated gene names (e.g. {dup}); call "
                              "adata.var_names_make_unique() first.")
-    lognorm = None if flavor in _COUNT_FLAVORS else log1p_cp10k(counts)
-    return chooser._hvg(counts, lognorm, names)

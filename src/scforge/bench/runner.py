@@ -104,9 +104,11 @@ class _Dataset:
                                      f"obs[{spec.batch_key!r}].")
             self.batches = b.astype(str).to_numpy()
 
-    def cells(self, positions: np.ndarray):
-        """A copy of the labelled cells at ``positions`` (positions index the labelled cells)."""
-        return self.adata[self.labelled[positions]].copy()
+    def cells(self, positions: np.ndarray, genes: np.ndarray | None = None):
+        """A copy of the labelled cells at ``positions`` (positions index the labelled cells), of the
+        genes at ``genes`` (all when None)."""
+        rows = self.labelled[positions]
+        return (self.adata[rows] if genes is None else self.adata[rows, genes]).copy()
 
 
 class _Runner:
@@ -194,15 +196,15 @@ class _Runner:
             self._hvgs[key] = np.flatnonzero(highly_variable_genes(ds.adata, spec.n_hvg, layer=ds.spec.layer))
         return self._hvgs[key]
 
-    def model_input(self, ds: _Dataset, spec: ModelSpec, adata: Any) -> Any:
-        """``adata`` restricted to the genes the model reads (a copy when restricted)."""
+    def model_input(self, ds: _Dataset, spec: ModelSpec) -> Any:
+        """All of the dataset's cells, restricted to the genes the model reads (a copy when restricted)."""
         genes = self.model_genes(ds, spec)
-        return adata if genes is None else adata[:, genes].copy()
+        return ds.adata if genes is None else ds.adata[:, genes].copy()
 
     def model_embedding(self, ds: _Dataset, spec: ModelSpec) -> np.ndarray:
         parts = {"name": spec.name, "dataset": ds.spec.name, "data": ds.fingerprint, "layer": ds.spec.layer,
                  "model": self.model_fingerprint(spec), "max_length": spec.max_length, **_hvg_part(spec)}
-        return self._cached(parts, lambda: embed_cells(self.model(spec), self.model_input(ds, spec, ds.adata),
+        return self._cached(parts, lambda: embed_cells(self.model(spec), self.model_input(ds, spec),
                                                        layer=ds.spec.layer, batch_size=spec.batch_size,
                                                        max_length=spec.max_length),
                             f"{ds.spec.name} with {spec.name}")
@@ -217,7 +219,7 @@ class _Runner:
                  "settings": c.integration_finetune, "seed": c.split_seed, **_hvg_part(spec)}
 
         def compute() -> np.ndarray:
-            cells = self.model_input(ds, spec, ds.adata)
+            cells = self.model_input(ds, spec)
             tuned = fine_tune_integration(self.model(spec), cells, ds.spec.batch_key, layer=ds.spec.layer,
                                           settings=IntegrationSettings(**c.integration_finetune), seed=c.split_seed,
                                           progress=False)
@@ -339,11 +341,12 @@ class _Runner:
             model = untrained_copy(model, seed=unit.seed)
             if unit.mode == "no_pretraining_frozen":
                 freeze = embedding_prefixes(model)
-        train = self.model_input(ds, spec, ds.cells(split.train))
+        genes = self.model_genes(ds, spec)
+        train = ds.cells(split.train, genes)
         tuned = fine_tune(model, train, ds.spec.label_key, layer=ds.spec.layer, epochs=c.epochs, lr=c.lr,
                           batch_size=c.batch_size, max_length=c.max_length or spec.max_length,
                           val_fraction=c.val_fraction, freeze=freeze, seed=unit.seed, progress=False)
-        proba = tuned.predict(self.model_input(ds, spec, ds.cells(split.test)), layer=ds.spec.layer, progress=False)
+        proba = tuned.predict(ds.cells(split.test, genes), layer=ds.spec.layer, progress=False)
         return proba.columns.to_numpy()[proba.to_numpy().argmax(1)]
 
     def _integration(self, unit: Unit, ds: _Dataset) -> pd.DataFrame:
