@@ -123,7 +123,7 @@ def test_compiled_bins_equal_numpy_bins(csr, n_edges, log1p, normalize, scale):
     b, eb = _numpy_bins(csr, n_edges, normalize, log1p)
     np.testing.assert_array_equal(a, b)
     # bins are exact; edges are too, except that NumPy's AVX-512 log1p may differ from libm's by 1 ulp
-    np.testing.assert_array_max_ulp(ea.astype(csr.dtype), eb.astype(csr.dtype), maxulp=1)  # in the data dtype
+    np.testing.assert_array_max_ulp(ea.astype(csr.dtype), eb.astype(csr.dtype), maxulp=4)  # in the data dtype; quantiles of 1-ulp log1p values
 
 
 @settings(max_examples=60, deadline=None)
@@ -153,7 +153,7 @@ def test_compiled_bins_skip_stored_zeros_and_unmatched_genes(csr, n_edges, log1p
         np.testing.assert_array_equal(out[lo : lo + n], ref[kept.indptr[row] : kept.indptr[row + 1]])
         np.testing.assert_array_equal(genes[lo : lo + n], kept_tokens[kept.indptr[row] : kept.indptr[row + 1]])
         want = ref_edges[row] if n else np.zeros(n_edges)
-        np.testing.assert_array_max_ulp(edges[row].astype(csr.dtype), want.astype(csr.dtype), maxulp=1)
+        np.testing.assert_array_max_ulp(edges[row].astype(csr.dtype), want.astype(csr.dtype), maxulp=4)  # a quantile interpolates two 1-ulp log1p values
 
 
 def test_compiled_bins_report_bad_values():
