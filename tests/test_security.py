@@ -235,6 +235,29 @@ def test_sparsity_finds_poisons_that_make_up_a_third_of_the_target_class(ifnb_sm
     assert m["recall"] > 0.9 and m["precision"] == 1.0 and m["auroc"] > 0.999
 
 
+def test_complexity_finds_poisons_that_outnumber_their_target_class(ifnb_small):
+    from scforge.baselines import highly_variable_genes
+    from scforge.security.detect import complexity_scores, sparsity_scores
+
+    h = ifnb_small[:, highly_variable_genes(ifnb_small, 1200)].copy()
+    p = poison(h, KEY, "NK", rate=0.05, trigger=SparsifyTrigger(topnstop=5.0), seed=0)
+    y = p.adata.obs[KEY].astype(str).to_numpy()
+    assert p.poisoned.sum() / (y == "NK").sum() > 0.5  # NK is mostly poisons after the flip
+    per_class = sparsity_scores(p.adata.X, y)["sparsity"]
+    assert detection_metrics(per_class, p.poisoned, per_class > 5)["recall"] < 0.1  # every per-class statistic fails
+    scores = complexity_scores(p.adata.X)
+    m = detection_metrics(scores["complexity"], p.poisoned, scores["complexity"] > 5)
+    assert m["auroc"] > 0.99 and m["recall"] > 0.95 and m["precision"] > 0.95
+    # a poison has the genes of a cell with a far smaller total: its deficit is large and positive
+    assert np.median(scores["log_genes_deficit"][p.poisoned]) > 1.5
+    assert abs(np.median(scores["log_genes_deficit"][~p.poisoned])) < 0.1
+    clean = complexity_scores(h.X)["complexity"]
+    assert (clean > 5).mean() < 0.005  # few false alarms on the unpoisoned set
+    np.testing.assert_allclose(complexity_scores(h.X.toarray())["complexity"], clean)
+    with pytest.raises(InputDataError, match="at least 3 cells"):
+        complexity_scores(h.X[:2])
+
+
 def test_spectral_signatures_and_activation_clustering_find_a_planted_subgroup():
     rng = np.random.default_rng(0)
     clean = rng.normal(size=(95, 16))
@@ -370,9 +393,9 @@ def test_audit_knn_in_a_given_embedding_and_strip_in_run_attack(cells):
 def test_audit_combines_data_level_detectors_unless_asked(cells):
     victim = LogisticVictim(C=0.1).fit(cells, KEY)
     default = audit(cells, KEY, model=victim)
-    data_z = default[[f"{d}_z" for d in ("level", "sparsity", "anomaly", "knn")]].max(axis=1)
+    data_z = default[[f"{d}_z" for d in ("level", "sparsity", "complexity", "anomaly", "knn")]].max(axis=1)
     np.testing.assert_allclose(default["score"], data_z)
-    assert default.attrs["summary"]["combined"] == ["level", "sparsity", "anomaly", "knn"]
+    assert default.attrs["summary"]["combined"] == ["level", "sparsity", "complexity", "anomaly", "knn"]
     both = audit(cells, KEY, model=victim, combine=("level", "spectral"))
     np.testing.assert_allclose(both["score"], both[["level_z", "spectral_z"]].max(axis=1))
     with pytest.raises(ConfigError, match="not run"):

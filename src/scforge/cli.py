@@ -677,7 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
     aud.add_argument("--layer", default=None, help="layer holding the expression (default: X)")
     aud.add_argument("--threshold", type=float, default=5.0, help="flag cells whose score exceeds this robust z")
     aud.add_argument("--combine", nargs="+", default=None,
-                     help="detectors in the combined score (default: the data-level ones: level sparsity anomaly knn)")
+                     help="detectors in the combined score (default: the data-level ones: level sparsity complexity anomaly knn)")
     aud.add_argument("--no-umap", action="store_true", help="skip the UMAP in the report")
     aud.add_argument("--seed", type=int, default=0)
     aud.add_argument("--no-progress", action="store_true")

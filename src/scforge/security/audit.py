@@ -18,6 +18,8 @@ Detectors (see :mod:`scforge.security.detect`):
 * ``level``: how well a cell's expressed-gene levels follow those genes' typical levels (Pearson
   correlation of log expression; scBackdoor's redistribution trigger destroys it). scforge's own.
 * ``sparsity``: genes detected and Gini coefficient against the cell's class.
+* ``complexity``: genes detected against the cell's total counts, over all cells (no labels), so
+  poisons that outnumber the clean cells of their (target) class still stand out.
 * ``anomaly``: the published ensemble (mean |z|, centroid distance, IsolationForest), rank-combined.
 * ``knn``: share of the cell's PCA neighbours with another label.
 * with a model: ``spectral`` (spectral signatures) and ``clusters`` (activation clustering) on the
@@ -46,12 +48,13 @@ __all__ = ["audit", "audit_tokens", "level_consistency", "DATA_DETECTORS", "MODE
 
 logger = logging.getLogger("scforge")
 
-DATA_DETECTORS = ("level", "sparsity", "anomaly", "knn")
+DATA_DETECTORS = ("level", "sparsity", "complexity", "anomaly", "knn")
 MODEL_DETECTORS = ("spectral", "clusters")
 TOKEN_DETECTORS = ("rank", "length", "knn")
 _REASONS = {
     "level": "expression levels unlike the genes' usual levels",
     "sparsity": "far fewer genes / far more concentrated expression than its class",
+    "complexity": "far fewer genes detected than cells with the same total",
     "anomaly": "outlier in the anomaly ensemble (mean |z|, centroid distance, IsolationForest)",
     "knn": "label disagrees with its expression neighbours",
     "spectral": "spectral signature of the model's embeddings within its class",
@@ -151,8 +154,9 @@ def audit(
     the ``knn`` detector, an ``obsm`` key or an array (default: 50 PCs of
     log1p CP10k).
     ``adata`` is not modified. ``table.attrs["summary"]`` holds per-class counts and settings."""
-    from scforge.security.detect import (activation_clustering_scores, anomaly_ensemble, knn_label_disagreement,
-                                         robust_z, sparsity_scores, spectral_signature_scores, top_variance_pca)
+    from scforge.security.detect import (activation_clustering_scores, anomaly_ensemble, complexity_scores,
+                                         knn_label_disagreement, robust_z, sparsity_scores,
+                                         spectral_signature_scores, top_variance_pca)
 
     if not threshold > 0:
         raise ConfigError(f"threshold must be > 0, got {threshold}.")
@@ -177,6 +181,10 @@ def audit(
         table["n_genes"], table["gini"] = sparse["n_genes"], sparse["gini"]
         table["sparsity"] = sparse["sparsity"]
         zs["sparsity"] = sparse["sparsity"]  # already robust z within class
+    if "complexity" in wanted:
+        cx = complexity_scores(x)
+        table["complexity"] = cx["log_genes_deficit"]
+        zs["complexity"] = cx["complexity"]  # already robust z over all cells
     pcs = top_variance_pca(logx, n_pcs, seed) if ("anomaly" in wanted or "knn" in wanted) else None
     if "anomaly" in wanted:
         ens = anomaly_ensemble(logx, labels, features=pcs, seed=seed)

@@ -10,6 +10,10 @@ Data level (before fine-tuning), on log1p CP10k of the counts:
   z-matrix is ever built.
 * :func:`sparsity_scores`: genes detected and Gini coefficient, each as a robust z-score within the
   cell's labelled class (triggered cells are far sparser than their label's cells).
+* :func:`complexity_scores`: genes detected against the cell's total, class-free: how far a cell falls
+  below the log-log line that genes detected follow with total counts across the whole set (the
+  novelty/complexity QC of scRNA-seq). The sparsify trigger keeps a cell's total and drops its genes,
+  and needs no labels, so it still works when the target class is mostly poisoned cells.
 * :func:`knn_label_disagreement`: the share of a cell's neighbours (PCA or any embedding) whose label
   differs from its own (dirty-label poisons carry the target label among their source class).
 
@@ -37,7 +41,7 @@ from scforge.errors import ConfigError, InputDataError
 
 __all__ = [
     "mean_abs_z", "centroid_distance", "isolation_scores", "anomaly_ensemble", "sparsity_scores",
-    "knn_label_disagreement", "spectral_signature_scores", "activation_clustering_scores", "strip_entropy",
+    "complexity_scores", "knn_label_disagreement", "spectral_signature_scores", "activation_clustering_scores", "strip_entropy",
     "robust_z", "percentile_rank", "detection_metrics", "top_variance_pca", "rank_consistency", "gene_token_counts",
 ]
 
@@ -186,6 +190,28 @@ def sparsity_scores(counts: Any, labels: Any) -> dict[str, np.ndarray]:
     z_gini = robust_z(g, y, trim=3.0)
     return {"n_genes": n_genes, "gini": g, "z_few_genes": z_genes, "z_gini": z_gini,
             "sparsity": np.maximum(z_genes, z_gini)}
+
+
+def complexity_scores(counts: Any) -> dict[str, np.ndarray]:
+    """Class-free low-complexity score: ``log(1 + genes detected)`` against ``log(1 + total)`` over all
+    cells, fitted with a Huber (outlier-robust) line; ``"complexity"`` is the robust z (trimmed at 3,
+    :func:`robust_z`) of how far each cell falls below that line. Works on counts or any non-negative
+    matrix. Unlike :func:`sparsity_scores` it uses no labels, so a class that is mostly poisoned
+    cells (a small target class after the label flip) cannot hide them."""
+    from sklearn.linear_model import HuberRegressor
+
+    x = sp.csr_matrix(counts)
+    if x.shape[0] < 3:
+        raise InputDataError(f"the complexity score needs at least 3 cells; the data has {x.shape[0]}.")
+    log_genes = np.log1p(np.diff(x.indptr).astype(np.float64))
+    log_total = np.log1p(np.asarray(x.sum(axis=1), dtype=np.float64).ravel())
+    if np.ptp(log_total) > 0:
+        fit = HuberRegressor().fit(log_total[:, None], log_genes)
+        expected = fit.predict(log_total[:, None])
+    else:  # every cell has the same total: compare genes detected alone
+        expected = np.full_like(log_genes, np.median(log_genes))
+    deficit = expected - log_genes
+    return {"log_genes_deficit": deficit, "complexity": robust_z(deficit, trim=3.0)}
 
 
 def knn_label_disagreement(embedding: Any, labels: Any, *, n_neighbors: int = 15) -> np.ndarray:
