@@ -220,6 +220,25 @@ def test_crashed_run_resumes_without_redoing_finished_units(workspace, monkeypat
     pd.testing.assert_frame_equal(a, b)  # same seed, same numbers: resuming changes nothing
 
 
+def test_a_model_folder_fingerprint_ignores_its_card_but_not_its_weights(tmp_path):
+    from scforge.bench.cache import fingerprint
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights-v1")
+    (folder / "config.json").write_text('{"d_model": 8}')
+    (folder / "card.md").write_text("# a model")
+    memo = tmp_path / "memo.json"
+    first = fingerprint(folder, memo)
+    (folder / "card.md").write_text("# a model\n\nNow with results.")
+    assert fingerprint(folder, memo) == first == fingerprint(folder)  # documentation only
+    (folder / "model.safetensors").write_bytes(b"weights-v2")
+    assert fingerprint(folder, memo) != first
+    (folder / "config.json").write_text('{"d_model": 16}')
+    second = fingerprint(folder)
+    assert second != first and fingerprint(folder / "card.md") != fingerprint(folder / "config.json")
+
+
 def test_embeddings_are_cached_by_model_and_dataset(first_run, workspace):
     notes = [json.loads(p.read_text()) for p in (workspace / "cache" / "embeddings").glob("*.json")]
     names = sorted(n["name"] for n in notes)

@@ -30,10 +30,12 @@ def _file_sha(path: Path, h: Any) -> None:
 
 
 def fingerprint(path: str | os.PathLike, memo: Path | None = None) -> str:
-    """sha256 of a file's bytes, or of a folder's files (relative names and bytes, sorted). With
-    ``memo`` (a JSON file), results are remembered by (path, size, mtime) so big files hash once."""
+    """sha256 of a file's bytes, or of a folder's files (relative names and bytes, sorted). A folder's
+    Markdown files (a model card, a README) are documentation and left out: editing them does not
+    invalidate results. With ``memo`` (a JSON file), results are remembered by (path, size, mtime)
+    so big files hash once."""
     p = Path(path).resolve()
-    files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+    files = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() != ".md") if p.is_dir() else [p]
     stamp = [[str(q), q.stat().st_size, q.stat().st_mtime_ns] for q in files]
     key = stable_hash(stamp, 40)
     table: dict[str, str] = {}
