@@ -258,6 +258,25 @@ def test_complexity_finds_poisons_that_outnumber_their_target_class(ifnb_small):
         complexity_scores(h.X[:2])
 
 
+def test_count_based_detectors_refuse_scaled_or_non_finite_input(ifnb_small):
+    from scforge.security.detect import complexity_scores, sparsity_scores
+
+    small = ifnb_small[:60].copy()
+    before = small.X.copy()
+    y = small.obs[KEY].astype(str).to_numpy()
+    dense = small.X.toarray()
+    scaled = dense - dense.mean(axis=0)  # centred: negative values, genes detected mean nothing
+    broken = small.X.astype(np.float32).copy()
+    broken.data[0] = np.nan
+    for detector in (complexity_scores, lambda m: sparsity_scores(m, y)):
+        with pytest.raises(InputDataError, match="non-negative.*minimum of -"):
+            detector(scaled)
+        with pytest.raises(InputDataError, match="finite"):
+            detector(broken)
+    assert (small.X != before).nnz == 0  # the caller's matrix is untouched
+    assert np.isfinite(complexity_scores(small.X)["complexity"]).all()
+
+
 def test_spectral_signatures_and_activation_clustering_find_a_planted_subgroup():
     rng = np.random.default_rng(0)
     clean = rng.normal(size=(95, 16))

@@ -175,6 +175,18 @@ def anomaly_ensemble(x: Any, labels: Any, *, combine: str = "rank", top_percent:
     return {"mean_abs_z": z, "centroid_distance": dist, "isolation": iso, "anomaly": combined}
 
 
+def _expression(counts: Any, *, what: str) -> sp.csr_matrix:
+    """``counts`` as CSR, refusing negative or non-finite values (a genes-detected count means nothing there)."""
+    x = sp.csr_matrix(counts)
+    if x.data.size and not np.all(np.isfinite(x.data)):
+        raise InputDataError(f"{what} needs finite expression values; the matrix has NaN or infinite entries. "
+                             "Pass raw counts or log-normalised values.")
+    if x.data.size and x.data.min() < 0:
+        raise InputDataError(f"{what} needs non-negative expression values; the matrix has a minimum of "
+                             f"{x.data.min():g} (scaled or centred data?). Pass raw counts or log-normalised values.")
+    return x
+
+
 def sparsity_scores(counts: Any, labels: Any) -> dict[str, np.ndarray]:
     """Robust z-scores within each labelled class of ``-log(genes detected)`` and of the Gini
     coefficient, and their maximum (``"sparsity"``). Works on counts or any non-negative matrix.
@@ -182,7 +194,7 @@ def sparsity_scores(counts: Any, labels: Any) -> dict[str, np.ndarray]:
     class, which can make up a third of it, do not set its own median and MAD."""
     from scforge.security.poison import gini_coefficient
 
-    x = sp.csr_matrix(counts)
+    x = _expression(counts, what="the sparsity score")
     y = _labels(labels, x.shape[0])
     n_genes = np.diff(x.indptr).astype(np.float64)
     g = gini_coefficient(x)
@@ -200,7 +212,7 @@ def complexity_scores(counts: Any) -> dict[str, np.ndarray]:
     cells (a small target class after the label flip) cannot hide them."""
     from sklearn.linear_model import HuberRegressor
 
-    x = sp.csr_matrix(counts)
+    x = _expression(counts, what="the complexity score")
     if x.shape[0] < 3:
         raise InputDataError(f"the complexity score needs at least 3 cells; the data has {x.shape[0]}.")
     log_genes = np.log1p(np.diff(x.indptr).astype(np.float64))
