@@ -52,6 +52,12 @@ def main() -> None:
     ap.add_argument("--n-hvg", type=int, default=None,
                     help="restrict the data to this many HVGs (seurat_v3 on the counts of all cells) before "
                          "the experiment, as scBackdoor's preprocessed datasets are (3,000 HVGs)")
+    ap.add_argument("--victim-seeds", type=int, nargs="+", default=[0],
+                    help="fine-tuning seeds of the model victim; each runs every stage (clean, poisoned, defended) "
+                         "on the same split and poisoned cells, to put the model's retraining noise beside the "
+                         "attack's and the defence's effects")
+    ap.add_argument("--merge", nargs="*", default=[],
+                    help="results.csv of earlier runs of the same settings to add to the summary (seed 0 if unnamed)")
     ap.add_argument("--out", default="benchmarks/_work/security")
     ap.add_argument("--detector-study", action="store_true",
                     help="only: audit detection on several triggers and selections (no training)")
@@ -71,48 +77,24 @@ def main() -> None:
         detector_study(adata, args.label_key, args.targets[0], args.rate, out)
         return
     rows, detections = [], []
-    for victim_name in args.victims:
-        if victim_name == "logistic":
-            victim, targets, model_level, stops, defence = LogisticVictim(C=0.1), args.targets, False, args.topnstops, \
-                "remove"
-        else:
-            import scforge
+    for victim_seed in args.victim_seeds:
+        for victim_name in args.victims:
+            if victim_name == "logistic":
+                if victim_seed != args.victim_seeds[0]:
+                    continue  # L1-LR (liblinear) does not depend on a seed: one run
+                victim, targets, model_level, stops, defence = LogisticVictim(C=0.1), args.targets, False, \
+                    args.topnstops, "remove"
+            else:
+                import scforge
 
-            victim = ModelVictim(scforge.load(victim_name), epochs=args.epochs, lr=args.lr, batch_size=32,
-                                 max_length=args.max_length)
-            targets, model_level, stops, defence = args.model_targets, True, args.model_topnstops, args.defence
-        for split_name in args.splits:
-            split = SPLITS[split_name]
-            train_idx, _ = split_cells(adata, args.label_key, split=split, seed=0)
-            t0 = time.perf_counter()
-            clean = victim.fit(adata[train_idx].copy(), args.label_key)
-            clean_s = time.perf_counter() - t0
-            for target, stop in [(t, s) for s in stops for t in targets]:
-                res = run_attack(adata, args.label_key, target, victim=victim, rate=args.rate, split=split,
-                                 trigger=SparsifyTrigger(topnstop=stop), defence=defence, clean_victim=clean,
-                                 model_level=model_level, threshold=args.threshold, seed=0)
-                run_dir = out / f"{victim_name}_{split_name}_{target.replace(' ', '_')}_topnstop{stop:g}"
-                res.save(run_dir)
-                wide = res.wide()
-                for stage, row in wide.iterrows():
-                    rows.append({"victim": victim_name, "split": split_name, "target": target, "topnstop": stop,
-                                 "stage": stage,
-                                 **{m: row.get(m) for m in ("accuracy", "macro_f1", "kappa", "asr")},
-                                 "n_removed": row.get("n_removed")})
-                detections.append({"victim": victim_name, "split": split_name, "target": target, "topnstop": stop,
-                                   "n_poisoned": res.settings["n_poisoned"], **res.detection,
-                                   "seconds": {**res.seconds, "clean_fit": clean_s}})
-                print(f"{victim_name:8s} {split_name:12s} {target:10s} {stop:g}", wide[["accuracy", "asr"]].round(3).to_dict(),
-                      {k: round(float(v), 3) for k, v in res.detection.items()}, flush=True)
-    results = pd.DataFrame(rows)
-    results.to_csv(out / "results.csv", index=False)
-    (out / "detection.json").write_text(json.dumps(detections, indent=2, default=float))
-    pd.DataFrame([{k: v for k, v in d.items() if k != "seconds"} for d in detections]).to_csv(
-        out / "detection.csv", index=False)
-    summary = results.pivot_table(index=["victim", "split", "target", "topnstop"], columns="stage",
-                                  values=["accuracy", "asr"], sort=False).round(3)
-    (out / "summary.txt").write_text(summary.to_string())
-    print(summary.to_string())
+                victim = ModelVictim(scforge.load(victim_name), epochs=args.epochs, lr=args.lr, batch_size=32,
+                                     max_length=args.max_length, seed=victim_seed)
+                targets, model_level, stops, defence = args.model_targets, True, args.model_topnstops, args.defence
+            for split_name in args.splits:
+                run_split(adata, args, victim, victim_name, victim_seed, split_name, targets, stops, model_level,
+                          defence, out, rows, detections)
+                write_tables(rows, detections, out, args.merge)
+    print(summarise(rows, args.merge, out))
     if args.lr_sweep:
         sweep = sweep_attack(adata, args.label_key, targets=args.targets[:1], rates=[0.01, 0.05, 0.1],
                              topnstops=[2.0, 4.0, 6.0, 8.0], victim=LogisticVictim(C=0.1), defence=None)
@@ -126,6 +108,73 @@ def main() -> None:
             index=["C", "rate", "topnstop"], columns=["stage", "metric"], values="value").round(3)
         (out / "lr_sweep.txt").write_text(wide.to_string())
         print(wide.to_string())
+
+
+def run_split(adata, args, victim, victim_name: str, victim_seed: int, split_name: str, targets, stops,
+              model_level: bool, defence: str, out: Path, rows: list, detections: list) -> None:
+    """One clean fit on the split, then an attack (poisoned fit, audit, defended fit) per target x threshold."""
+    split = SPLITS[split_name]
+    train_idx, _ = split_cells(adata, args.label_key, split=split, seed=0)
+    t0 = time.perf_counter()
+    clean = victim.fit(adata[train_idx].copy(), args.label_key)
+    clean_s = time.perf_counter() - t0
+    for target, stop in [(t, s) for s in stops for t in targets]:
+        res = run_attack(adata, args.label_key, target, victim=victim, rate=args.rate, split=split,
+                         trigger=SparsifyTrigger(topnstop=stop), defence=defence, clean_victim=clean,
+                         model_level=model_level, threshold=args.threshold, seed=0)
+        suffix = f"_seed{victim_seed}" if victim_seed else ""
+        res.save(out / f"{victim_name}_{split_name}_{target.replace(' ', '_')}_topnstop{stop:g}{suffix}")
+        wide = res.wide()
+        key = {"victim": victim_name, "split": split_name, "target": target, "topnstop": stop,
+               "victim_seed": victim_seed}
+        for stage, row in wide.iterrows():
+            rows.append({**key, "stage": stage, **{m: row.get(m) for m in ("accuracy", "macro_f1", "kappa", "asr")},
+                         "n_removed": row.get("n_removed")})
+        detections.append({**key, "n_poisoned": res.settings["n_poisoned"], **res.detection,
+                           "seconds": {**res.seconds, "clean_fit": clean_s}})
+        print(f"{victim_name:8s} {split_name:12s} {target:10s} {stop:g} seed {victim_seed}",
+              wide[["accuracy", "asr"]].round(3).to_dict(),
+              {k: round(float(v), 3) for k, v in res.detection.items()}, flush=True)
+
+
+def _with_merged(rows: list, merge: list[str]) -> pd.DataFrame:
+    parts = [pd.DataFrame(rows)]
+    for path in merge:  # rows of an earlier run of this script (before --victim-seeds: seed 0)
+        earlier = pd.read_csv(path)
+        parts.insert(0, earlier if "victim_seed" in earlier else earlier.assign(victim_seed=0))
+    return pd.concat(parts, ignore_index=True)
+
+
+def write_tables(rows: list, detections: list, out: Path, merge: list[str]) -> None:
+    """Write what has run so far (a long run can be read, or stopped, part-way)."""
+    pd.DataFrame(rows).to_csv(out / "results.csv", index=False)
+    (out / "detection.json").write_text(json.dumps(detections, indent=2, default=float))
+    pd.DataFrame([{k: v for k, v in d.items() if k != "seconds"} for d in detections]).to_csv(
+        out / "detection.csv", index=False)
+    (out / "summary.txt").write_text(summarise(rows, merge, out))
+
+
+def summarise(rows: list, merge: list[str], out: Path) -> str:
+    """Accuracy and ASR per stage; with several victim seeds, their mean and sd, and the per-seed
+    (paired) accuracy change of the poisoned and the defended model against the clean one."""
+    results = _with_merged(rows, merge)
+    index = ["victim", "split", "target", "topnstop"]
+    text = results.pivot_table(index=index, columns="stage", values=["accuracy", "asr"], sort=False).round(3).to_string()
+    if results["victim_seed"].nunique() < 2:
+        return text
+    results.to_csv(out / "results_all_seeds.csv", index=False)
+    wide = results.pivot_table(index=[*index, "victim_seed"], columns="stage", values=["accuracy", "asr"])
+    paired = pd.DataFrame({"acc_poisoned_minus_clean": wide[("accuracy", "poisoned")] - wide[("accuracy", "clean")],
+                           "acc_defended_minus_clean": wide[("accuracy", "defended")] - wide[("accuracy", "clean")]})
+    flat = pd.concat([wide.set_axis([f"{m}_{s}" for m, s in wide.columns], axis=1), paired], axis=1)
+    stats = flat.groupby(level=index, sort=False).agg(["mean", "std", "count"]).round(3)
+    stats.to_csv(out / "summary_seeds.csv")
+    means, sds = stats.xs("mean", axis=1, level=1), stats.xs("std", axis=1, level=1)
+    compact = (means.map("{:.3f}".format) + " ± " + sds.map("{:.3f}".format)).assign(
+        seeds=stats[("accuracy_clean", "count")])
+    lines = [text, "", "mean ± sd over victim seeds (per-seed differences against the same seed's clean model):",
+             compact.to_string()]
+    return "\n".join(lines)
 
 
 def detector_study(adata, label_key: str, target: str, rate: float, out: Path) -> None:

@@ -1,13 +1,16 @@
-"""Retraining noise of the default-model security victim (hold-out split, 1,200 HVGs, 10 epochs).
+"""Retraining noise of the default-model security victim (hold-out split, 1,200 HVGs, clean training cells).
 
-    python scripts/security_retrain_noise.py   # ~10 min; writes benchmarks/_work/security_model_hvg_t5/retrain_noise.json
+    python scripts/security_retrain_noise.py                       # lr 1e-3 (the security run's): seeds 1, 2 and a drop
+    python scripts/security_retrain_noise.py --lr 1e-4 --epochs 10 --seeds 0 1 2 --drop-seeds
 
-Clean fits with seeds 1 and 2 (seed 0 is the security run's clean stage) and one fit without a random
-85 training cells (the size of the poison), to compare the defence's accuracy cost with the noise.
+Clean fits with the given fine-tuning seeds, and (unless ``--drop-seeds`` is empty) fits without a random
+85 training cells (the size of the poison), to compare the defence's accuracy cost with the noise. Writes
+``retrain_noise_lr<lr>.json`` (``retrain_noise.json`` for the default settings) under ``--out``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import time
@@ -22,31 +25,41 @@ from scforge.security import ModelVictim, split_cells
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "ifnb" / "ifnb_sub_2000.h5ad"
-OUT = ROOT / "benchmarks" / "_work" / "security_model_hvg_t5" / "retrain_noise.json"
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="fine-tuning seeds of the clean fits")
+    ap.add_argument("--drop-seeds", type=int, nargs="*", default=[0],
+                    help="seeds of the random 85 cells left out (the fit itself uses seed 0)")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "_work" / "security_model_hvg_t5")
+    args = ap.parse_args()
     for name in ("lightning", "lightning.pytorch"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    out = args.out / ("retrain_noise.json" if args.lr == 1e-3 and args.epochs == 10
+                      else f"retrain_noise_lr{args.lr:g}_e{args.epochs}.json")
     adata = ad.read_h5ad(DATA)
     adata = adata[:, highly_variable_genes(adata, 1200)].copy()
     key = "seurat_annotations"
     train, test = split_cells(adata, key, split="random", seed=0)
     y = adata.obs[key].astype(str).to_numpy()
     rows = []
-    for kind, seed in [("clean", 1), ("drop_random_85", 0), ("clean", 2)]:
+    runs = [("clean", s) for s in args.seeds] + [("drop_random_85", s) for s in args.drop_seeds]
+    for kind, seed in runs:
         cells = train if kind == "clean" else np.sort(
             np.random.default_rng(seed).choice(train, size=len(train) - 85, replace=False))
-        victim = ModelVictim(scforge.load("default"), epochs=10, lr=1e-3, batch_size=32, max_length=256,
+        victim = ModelVictim(scforge.load("default"), epochs=args.epochs, lr=args.lr, batch_size=32, max_length=256,
                              seed=seed if kind == "clean" else 0)
         t0 = time.perf_counter()
         victim = victim.fit(adata[cells].copy(), key)
         acc = float((victim.predict(adata[test].copy()) == y[test]).mean())
-        rows.append({"kind": kind, "seed": seed, "n_train": int(len(cells)), "accuracy": acc,
-                     "seconds": time.perf_counter() - t0})
+        rows.append({"kind": kind, "seed": seed, "lr": args.lr, "epochs": args.epochs, "n_train": int(len(cells)),
+                     "accuracy": acc, "seconds": time.perf_counter() - t0})
         print(rows[-1], flush=True)
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        OUT.write_text(json.dumps(rows, indent=1))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
