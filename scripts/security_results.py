@@ -76,7 +76,7 @@ def main() -> None:
     if args.detector_study:
         detector_study(adata, args.label_key, args.targets[0], args.rate, out)
         return
-    rows, detections = [], []
+    rows, detections, summary = [], [], ""
     for victim_seed in args.victim_seeds:
         for victim_name in args.victims:
             if victim_name == "logistic":
@@ -93,8 +93,8 @@ def main() -> None:
             for split_name in args.splits:
                 run_split(adata, args, victim, victim_name, victim_seed, split_name, targets, stops, model_level,
                           defence, out, rows, detections)
-                write_tables(rows, detections, out, args.merge)
-    print(summarise(rows, args.merge, out))
+                summary = write_tables(rows, detections, out, args.merge)
+    print(summary)
     if args.lr_sweep:
         sweep = sweep_attack(adata, args.label_key, targets=args.targets[:1], rates=[0.01, 0.05, 0.1],
                              topnstops=[2.0, 4.0, 6.0, 8.0], victim=LogisticVictim(C=0.1), defence=None)
@@ -145,18 +145,21 @@ def _with_merged(rows: list, merge: list[str]) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def write_tables(rows: list, detections: list, out: Path, merge: list[str]) -> None:
-    """Write what has run so far (a long run can be read, or stopped, part-way)."""
+def write_tables(rows: list, detections: list, out: Path, merge: list[str]) -> str:
+    """Write what has run so far (a long run can be read, or stopped, part-way); return the summary."""
     pd.DataFrame(rows).to_csv(out / "results.csv", index=False)
     (out / "detection.json").write_text(json.dumps(detections, indent=2, default=float))
     pd.DataFrame([{k: v for k, v in d.items() if k != "seconds"} for d in detections]).to_csv(
         out / "detection.csv", index=False)
-    (out / "summary.txt").write_text(summarise(rows, merge, out))
+    summary = summarise(rows, merge, out)
+    (out / "summary.txt").write_text(summary)
+    return summary
 
 
 def summarise(rows: list, merge: list[str], out: Path) -> str:
     """Accuracy and ASR per stage; with several victim seeds, their mean and sd, and the per-seed
-    (paired) accuracy change of the poisoned and the defended model against the clean one."""
+    (paired) accuracy change of the poisoned and the defended model against the clean one (written to
+    ``results_all_seeds.csv`` and ``summary_seeds.csv`` under ``out``)."""
     results = _with_merged(rows, merge)
     index = ["victim", "split", "target", "topnstop"]
     text = results.pivot_table(index=index, columns="stage", values=["accuracy", "asr"], sort=False).round(3).to_string()

@@ -5,7 +5,7 @@
 
 Clean fits with the given fine-tuning seeds, and (unless ``--drop-seeds`` is empty) fits without a random
 85 training cells (the size of the poison), to compare the defence's accuracy cost with the noise. Writes
-``retrain_noise_lr<lr>.json`` (``retrain_noise.json`` for the default settings) under ``--out``.
+``retrain_noise_lr<lr>_e<epochs>.json`` (``retrain_noise.json`` for lr 1e-3, 10 epochs) under ``--out``.
 """
 
 from __future__ import annotations

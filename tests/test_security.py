@@ -82,6 +82,10 @@ def test_sparsify_rejects_bad_settings_and_inputs(cells):
         SparsifyTrigger(scale="log1p").apply(cells.layers["lognorm"], [0])
     with pytest.raises(InputDataError, match="row indices"):
         SparsifyTrigger().apply(cells.X, [10_000])
+    negative = cells.X.copy()
+    negative.data[0] = -1.0
+    with pytest.raises(InputDataError, match="trigger has negative values.*first at cell 0"):
+        SparsifyTrigger().apply(negative, [0])
 
 
 def test_rank_shuffle_trigger_on_geneformer_style_tokens():
@@ -269,9 +273,9 @@ def test_count_based_detectors_refuse_scaled_or_non_finite_input(ifnb_small):
     broken = small.X.astype(np.float32).copy()
     broken.data[0] = np.nan
     for detector in (complexity_scores, lambda m: sparsity_scores(m, y)):
-        with pytest.raises(InputDataError, match="non-negative.*minimum of -"):
+        with pytest.raises(InputDataError, match=r"score has negative values \(min -.*first at cell 0"):
             detector(scaled)
-        with pytest.raises(InputDataError, match="finite"):
+        with pytest.raises(InputDataError, match="score has 1 NaN or infinite values.*must be finite"):
             detector(broken)
     assert (small.X != before).nnz == 0  # the caller's matrix is untouched
     assert np.isfinite(complexity_scores(small.X)["complexity"]).all()
@@ -343,6 +347,12 @@ def test_audit_on_log_normalised_values_and_bad_input(cells):
     missing.obs.iloc[0, missing.obs.columns.get_loc(KEY)] = None
     with pytest.raises(InputDataError, match="missing labels"):
         audit(missing, KEY)
+    scaled = cells.copy()
+    dense = scaled.layers["lognorm"].toarray()
+    scaled.layers["centred"] = dense - dense.mean(axis=0)
+    with pytest.raises(InputDataError, match=r"audit's expression \(layer 'centred'\) has negative values"):
+        audit(scaled, KEY, layer="centred")
+    np.testing.assert_array_equal(scaled.layers["centred"], dense - dense.mean(axis=0))  # left as it was
 
 
 def test_audit_with_a_logistic_victim_adds_model_level_scores(cells):

@@ -296,12 +296,12 @@ def check_values(csr: sp.csr_matrix, where: str, rows: tuple[int, int] | None = 
         raise InputDataError(
             f"{where} has {int((~finite).sum())} NaN or infinite values "
             f"({_first_entry(csr, ~finite, first_row)}). Expression must be finite: remove or "
-            "impute them (e.g. np.nan_to_num) before tokenizing."
+            "impute them (e.g. np.nan_to_num) first."
         )
     if data.min() < 0:
         raise InputDataError(
             f"{where} has negative values (min {data.min():.4g}, "
-            f"{_first_entry(csr, data < 0, first_row)}). Tokenizers need non-negative expression "
+            f"{_first_entry(csr, data < 0, first_row)}). Expression must be non-negative "
             "(counts or normalized/log1p counts), not scaled or centred data: use the raw counts "
             "layer (layer=... or use_raw=True)."
         )

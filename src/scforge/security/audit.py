@@ -94,15 +94,14 @@ def _level_consistency(ln: sp.csr_matrix, *, normalized: bool) -> np.ndarray:
 
 
 def _expression(adata: Any, layer: str | None) -> tuple[sp.csr_matrix, bool]:
-    from scforge.matrix import looks_like_counts
+    from scforge.matrix import check_values, looks_like_counts
 
     if layer is not None and layer not in adata.layers:
         raise InputDataError(f"layer {layer!r} not found; the AnnData has layers {list(adata.layers)}.")
     m = sp.csr_matrix(adata.layers[layer] if layer is not None else adata.X, dtype=np.float64)
     if m.shape[0] < 3:
         raise InputDataError(f"the audit needs at least 3 cells; the data has {m.shape[0]}.")
-    if m.data.size and (not np.all(np.isfinite(m.data)) or m.data.min() < 0):
-        raise InputDataError("the audit needs finite, non-negative expression (raw counts or log-normalised values).")
+    check_values(m, f"the audit's expression ({'layer ' + repr(layer) if layer is not None else 'X'})")
     return m, looks_like_counts(m)
 
 

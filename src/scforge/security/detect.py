@@ -177,13 +177,10 @@ def anomaly_ensemble(x: Any, labels: Any, *, combine: str = "rank", top_percent:
 
 def _expression(counts: Any, *, what: str) -> sp.csr_matrix:
     """``counts`` as CSR, refusing negative or non-finite values (a genes-detected count means nothing there)."""
+    from scforge.matrix import check_values
+
     x = sp.csr_matrix(counts)
-    if x.data.size and not np.all(np.isfinite(x.data)):
-        raise InputDataError(f"{what} needs finite expression values; the matrix has NaN or infinite entries. "
-                             "Pass raw counts or log-normalised values.")
-    if x.data.size and x.data.min() < 0:
-        raise InputDataError(f"{what} needs non-negative expression values; the matrix has a minimum of "
-                             f"{x.data.min():g} (scaled or centred data?). Pass raw counts or log-normalised values.")
+    check_values(x, f"the matrix passed to {what}")
     return x
 
 

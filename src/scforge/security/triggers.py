@@ -111,13 +111,12 @@ class SparsifyTrigger:
 
     def apply(self, x: Any, rows: Any = None, *, seed: int = 0) -> sp.csr_matrix:
         """A new CSR matrix: ``x`` with the trigger applied to ``rows`` (all rows when None)."""
+        from scforge.matrix import check_values, require_counts
+
         x = sp.csr_matrix(x, copy=True)
         x.sum_duplicates()
-        if x.data.size and (not np.all(np.isfinite(x.data)) or x.data.min() < 0):
-            raise InputDataError("the trigger needs finite, non-negative expression values.")
+        check_values(x, "the matrix passed to the trigger")
         if self.scale != "values":
-            from scforge.matrix import require_counts
-
             require_counts(x, "the matrix to trigger")
         idx = _rows(rows, x.shape[0])
         n_keep = self.n_kept(x[idx]) if idx.size else np.zeros(0, dtype=np.int64)
