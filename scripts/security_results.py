@@ -6,7 +6,8 @@
 For each victim, split (a stratified 80/20 hold-out, and CTRL -> STIM as a batch shift) and target:
 scBackdoor's sparsify trigger (topnstop 2 on log1p CP10k), 5% of the training cells poisoned by the
 Gini rule, the victim trained clean / poisoned / after the audit's flagged cells are removed. Writes
-``results.csv``, ``detection.csv``, ``summary.txt`` and one report folder per run under ``--out``.
+``results.csv``, ``detection.csv``, ``summary.txt``, ``asr_breakdown.csv`` (each stage's ASR per true class
+and per genes kept by the trigger) and one report folder per run under ``--out``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from scforge.security.victims import LogisticVictim
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ifnb" / "ifnb_sub_2000.h5ad"
 SPLITS = {"holdout": "random", "ctrl_to_stim": ("stim", "CTRL", "STIM")}
+N_KEPT_BINS = [0, 5, 10, 15, 20, 30, 1000]  # genes the trigger keeps, for the ASR breakdown
 
 
 def main() -> None:
@@ -41,6 +43,9 @@ def main() -> None:
     ap.add_argument("--model-topnstops", type=float, nargs="+", default=[2.0], help="trigger thresholds (model)")
     ap.add_argument("--defence", default="remove", choices=["remove", "relabel", "fine_prune"],
                     help="defence for the model victim (the logistic victim always uses remove)")
+    ap.add_argument("--selection", default="gini", choices=["gini", "gini_faithful", "random"],
+                    help="which training cells are poisoned: gini (the highest-Gini cells of each non-target class), "
+                         "gini_faithful (the published code's index behaviour) or random")
     ap.add_argument("--threshold", type=float, default=5.0,
                     help="audit threshold (robust z) above which a training cell is flagged and removed")
     ap.add_argument("--lr-sweep", action="store_true",
@@ -76,7 +81,7 @@ def main() -> None:
     if args.detector_study:
         detector_study(adata, args.label_key, args.targets[0], args.rate, out)
         return
-    rows, detections, summary = [], [], ""
+    rows, detections, breakdown, summary = [], [], [], ""
     for victim_seed in args.victim_seeds:
         for victim_name in args.victims:
             if victim_name == "logistic":
@@ -92,8 +97,9 @@ def main() -> None:
                 targets, model_level, stops, defence = args.model_targets, True, args.model_topnstops, args.defence
             for split_name in args.splits:
                 run_split(adata, args, victim, victim_name, victim_seed, split_name, targets, stops, model_level,
-                          defence, out, rows, detections)
+                          defence, out, rows, detections, breakdown)
                 summary = write_tables(rows, detections, out, args.merge)
+                pd.DataFrame(breakdown).to_csv(out / "asr_breakdown.csv", index=False)
     print(summary)
     if args.lr_sweep:
         sweep = sweep_attack(adata, args.label_key, targets=args.targets[:1], rates=[0.01, 0.05, 0.1],
@@ -111,8 +117,9 @@ def main() -> None:
 
 
 def run_split(adata, args, victim, victim_name: str, victim_seed: int, split_name: str, targets, stops,
-              model_level: bool, defence: str, out: Path, rows: list, detections: list) -> None:
-    """One clean fit on the split, then an attack (poisoned fit, audit, defended fit) per target x threshold."""
+              model_level: bool, defence: str, out: Path, rows: list, detections: list, breakdown: list) -> None:
+    """One clean fit on the split, then an attack (poisoned fit, audit, defended fit) per target x threshold;
+    ``breakdown`` gets each stage's ASR per true class and per genes kept by the trigger."""
     split = SPLITS[split_name]
     train_idx, _ = split_cells(adata, args.label_key, split=split, seed=0)
     t0 = time.perf_counter()
@@ -121,7 +128,7 @@ def run_split(adata, args, victim, victim_name: str, victim_seed: int, split_nam
     for target, stop in [(t, s) for s in stops for t in targets]:
         res = run_attack(adata, args.label_key, target, victim=victim, rate=args.rate, split=split,
                          trigger=SparsifyTrigger(topnstop=stop), defence=defence, clean_victim=clean,
-                         model_level=model_level, threshold=args.threshold, seed=0)
+                         model_level=model_level, threshold=args.threshold, selection=args.selection, seed=0)
         suffix = f"_seed{victim_seed}" if victim_seed else ""
         res.save(out / f"{victim_name}_{split_name}_{target.replace(' ', '_')}_topnstop{stop:g}{suffix}")
         wide = res.wide()
@@ -131,7 +138,14 @@ def run_split(adata, args, victim, victim_name: str, victim_seed: int, split_nam
             rows.append({**key, "stage": stage, **{m: row.get(m) for m in ("accuracy", "macro_f1", "kappa", "asr")},
                          "n_removed": row.get("n_removed")})
         detections.append({**key, "n_poisoned": res.settings["n_poisoned"], **res.detection,
+                           **{k: v for k, v in res.settings.items() if k.startswith("n_kept_median")},
                            "seconds": {**res.seconds, "clean_fit": clean_s}})
+        for by, bins in (("label", None), ("n_kept", N_KEPT_BINS)):
+            stages = [c[5:] for c in res.triggered.columns if c.startswith("pred_")]
+            parts = {stage: res.asr_by(by, stage, bins) for stage in stages}
+            for group in parts[stages[0]].index:
+                breakdown.append({**key, "by": by, "group": str(group), "n_cells": int(parts[stages[0]].loc[group, "n_cells"]),
+                                  **{f"asr_{stage}": float(parts[stage].loc[group, "asr"]) for stage in stages}})
         print(f"{victim_name:8s} {split_name:12s} {target:10s} {stop:g} seed {victim_seed}",
               wide[["accuracy", "asr"]].round(3).to_dict(),
               {k: round(float(v), 3) for k, v in res.detection.items()}, flush=True)

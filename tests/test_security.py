@@ -387,6 +387,35 @@ def test_run_attack_with_logistic_victim_plants_and_removes_the_backdoor(ifnb_sm
     assert res.value("defended", "n_removed") == res.detection["n_flagged"]
 
 
+def test_attack_keeps_per_cell_predictions_and_breaks_asr_down(ifnb_small):
+    res = run_attack(ifnb_small, KEY, "B", victim="logistic", rate=0.05, trigger=SparsifyTrigger(topnstop=4.0),
+                     defence=None, seed=0)
+    frame = res.triggered
+    _, test_idx = split_cells(ifnb_small, KEY, seed=0)
+    test = ifnb_small[test_idx]
+    non_target = test[test.obs[KEY].astype(str) != "B"]
+    assert list(frame.index) == list(non_target.obs_names)
+    assert list(frame["label"]) == list(non_target.obs[KEY].astype(str))
+    np.testing.assert_array_equal(frame["n_kept"], SparsifyTrigger(topnstop=4.0).n_kept(non_target.X))
+    assert list(frame.columns) == ["label", "n_kept", "pred_clean", "pred_poisoned"]
+    for stage in ("clean", "poisoned"):
+        assert (frame[f"pred_{stage}"] == "B").mean() == pytest.approx(res.value(stage, "asr"))
+    by_class = res.asr_by("label")
+    assert by_class["n_cells"].sum() == len(frame) and "B" not in by_class.index
+    assert (by_class["asr"] * by_class["n_cells"]).sum() / len(frame) == pytest.approx(res.value("poisoned", "asr"))
+    mono = frame[frame["label"] == "CD14 Mono"]
+    assert by_class.loc["CD14 Mono", "asr"] == pytest.approx((mono["pred_poisoned"] == "B").mean())
+    by_kept = res.asr_by("n_kept", "clean", bins=[0, 10, 1000])
+    assert list(by_kept["n_cells"]) == [int((frame.n_kept <= 10).sum()), int((frame.n_kept > 10).sum())]
+    # how sparse the poisons were against the triggered test cells
+    assert res.settings["n_kept_median_triggered_test"] == float(frame["n_kept"].median())
+    assert 1 <= res.settings["n_kept_median_poisoned"] <= frame["n_kept"].max()
+    with pytest.raises(ConfigError, match="no stage 'defended'"):
+        res.asr_by("label", "defended")
+    with pytest.raises(ConfigError, match="cannot group by"):
+        res.asr_by("pred_clean")
+
+
 def test_sweep_and_relabel_defence(cells):
     table = sweep_attack(cells, KEY, targets=["B"], rates=[0.03, 0.08], victim="logistic", defence="relabel")
     assert set(table.rate) == {0.03, 0.08} and {"clean", "poisoned", "defended", "detection"} <= set(table.stage)

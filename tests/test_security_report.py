@@ -105,8 +105,11 @@ def test_attack_report(attack_data, tmp_path):
     table_before = result.table.copy()
     path = write_attack_report(result, tmp_path / "attack")
     assert path == tmp_path / "attack" / "report.html"
-    for name in ("attack.json", "results.csv", "audit.csv", "report.html"):
+    for name in ("attack.json", "results.csv", "audit.csv", "triggered.csv", "report.html"):
         assert (tmp_path / "attack" / name).is_file()
+    per_cell = pd.read_csv(tmp_path / "attack" / "triggered.csv", index_col=0)
+    assert per_cell.shape[0] == result.settings["n_triggered_test"]
+    assert (per_cell["pred_poisoned"] == "B").mean() == pytest.approx(result.value("poisoned", "asr"))
 
     doc = json.loads((tmp_path / "attack" / "attack.json").read_text())
     assert _plain(doc)
@@ -122,6 +125,10 @@ def test_attack_report(attack_data, tmp_path):
 
     page = path.read_text()
     assert "data:image/png;base64" in page
+    assert "ASR by true class" in page and "ASR by genes kept by the trigger" in page
+    mono = [result.asr_by("label", stage).loc["CD14 Mono", "asr"] for stage in ("clean", "poisoned", "defended")]
+    n_mono = int((per_cell.label == "CD14 Mono").sum())
+    assert f"<td>CD14 Mono</td><td>{n_mono}</td>" + "".join(f"<td>{a:.3f}</td>" for a in mono) in page
     asr = wide["asr"]
     assert f"{asr['poisoned']:.2f} after poisoning -&gt; {asr['defended']:.2f} after the defence" in page
     assert "clean accuracy " + " -&gt; ".join(f"{wide.loc[s, 'accuracy']:.2f}" for s in

@@ -86,6 +86,9 @@ def test_token_attack_runs_end_to_end_on_real_cells(model, cells, monkeypatch):
     clean_test = _victim(model).tokenize(test).select(np.flatnonzero(test.obs[KEY].astype(str) != "B"))
     triggered = seen_predict[1]
     assert triggered.n_cells == clean_test.n_cells == res.settings["n_triggered_test"]
+    assert list(res.triggered.index) == list(test.obs_names[test.obs[KEY].astype(str) != "B"])
+    for stage in ("clean", "poisoned", "defended"):
+        assert (res.triggered[f"pred_{stage}"] == "B").mean() == pytest.approx(res.value(stage, "asr"))
     assert np.all(gene_token_counts(triggered) == 20)
     shuffled = 0
     for i in range(triggered.n_cells):

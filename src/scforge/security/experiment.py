@@ -84,13 +84,38 @@ def trigger_cells(adata: Any, trigger: Any, *, layer: str | None = None, seed: i
 class AttackResult:
     """Outcome of :func:`run_attack`. ``table``: tidy rows (stage, metric, value); ``detection``:
     detection scores of the audit; ``settings``; ``audit``: the audit table of the poisoned training
-    set (None without a defence); ``seconds``: wall time per step."""
+    set (None without a defence); ``seconds``: wall time per step; ``triggered``: one row per
+    triggered test cell (its ``obs_names``): its true ``label``, the genes the trigger kept (``n_kept``,
+    sparsify trigger only) and each stage's prediction (``pred_clean``, ``pred_poisoned``, ...), for
+    :meth:`asr_by`."""
 
     table: pd.DataFrame
     detection: dict[str, float]
     settings: dict[str, Any]
     audit: pd.DataFrame | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    triggered: pd.DataFrame | None = None
+
+    def asr_by(self, by: str = "label", stage: str = "poisoned", bins: Sequence[float] | None = None) -> pd.DataFrame:
+        """ASR of ``stage`` per group of triggered test cells: ``by`` a column of :attr:`triggered`
+        (``"label"``: the cell's true class; ``"n_kept"``: how many genes the trigger left it), cut into
+        ``bins`` (edges, right-closed) when given. Columns ``n_cells`` and ``asr``."""
+        frame = self.triggered
+        if frame is None:
+            raise ConfigError("this result has no per-cell predictions (it was saved before they were kept).")
+        column = f"pred_{stage}"
+        if column not in frame.columns:
+            raise ConfigError(f"no stage {stage!r} in this result; stages are "
+                              f"{[c[5:] for c in frame.columns if c.startswith('pred_')]}.")
+        if by not in frame.columns or by.startswith("pred_"):
+            raise ConfigError(f"cannot group by {by!r}; use one of "
+                              f"{[c for c in frame.columns if not c.startswith('pred_')]}.")
+        groups = pd.cut(frame[by], bins=list(bins)) if bins is not None else frame[by]
+        hit = frame[column].astype(str) == str(self.settings["target"])
+        out = hit.groupby(groups, observed=True).agg(["size", "mean"]).rename(columns={"size": "n_cells",
+                                                                                    "mean": "asr"})
+        out.index.name = by
+        return out
 
     def value(self, stage: str, metric: str) -> float:
         row = self.table[(self.table.stage == stage) & (self.table.metric == metric)]
@@ -132,9 +157,11 @@ def _score_predictions(truth: np.ndarray, pred: np.ndarray, triggered_pred: np.n
 
 
 def _scores(victim: Any, test: Any, triggered: Any, label_key: str, target: str, layer: str | None
-            ) -> dict[str, float]:
+            ) -> tuple[dict[str, float], np.ndarray]:
+    """The stage's metrics and its predictions on the triggered cells."""
     truth = test.obs[label_key].astype(str).to_numpy()
-    return _score_predictions(truth, victim.predict(test, layer=layer), victim.predict(triggered, layer=layer), target)
+    triggered_pred = victim.predict(triggered, layer=layer)
+    return _score_predictions(truth, victim.predict(test, layer=layer), triggered_pred, target), triggered_pred
 
 
 def _relabel(adata: Any, label_key: str, flagged: np.ndarray, layer: str | None, seed: int) -> Any:
@@ -230,7 +257,7 @@ def run_attack(
     ``model_level`` and ``strip`` read expression and are refused with a token trigger."""
     from scforge.security.audit import audit
     from scforge.security.detect import detection_metrics
-    from scforge.security.poison import poison
+    from scforge.security.poison import layer_matrix, poison
     from scforge.security.triggers import SparsifyTrigger
     from scforge.security.victims import as_victim
 
@@ -264,18 +291,30 @@ def run_attack(
                 "n_train": int(train.n_obs), "n_test": int(test.n_obs), "n_triggered_test": int(non_target.n_obs),
                 **trigger.describe()}
     rows = []
+    per_cell = pd.DataFrame({"label": non_target.obs[label_key].astype(str).to_numpy()},
+                            index=pd.Index(non_target.obs_names.astype(str), name="obs_name"))
+    if hasattr(trigger, "n_kept"):
+        per_cell["n_kept"] = trigger.n_kept(layer_matrix(non_target, layer))
+
+    def score(stage: str, fitted: Any) -> None:
+        metrics, per_cell[f"pred_{stage}"] = _scores(fitted, test, triggered, label_key, target, layer)
+        rows.extend((stage, m, v) for m, v in metrics.items())
 
     clean = clean_victim if clean_victim is not None else victim.fit(train, label_key, layer=layer)
     seconds["clean_fit"] = time.perf_counter() - t0
-    rows += [("clean", m, v) for m, v in _scores(clean, test, triggered, label_key, target, layer).items()]
+    score("clean", clean)
 
     t1 = time.perf_counter()
     poisoned = poison(train, label_key, target, rate=rate, trigger=trigger, selection=selection, layer=layer,
                       seed=seed)
     settings["n_poisoned"] = poisoned.n_poisoned
+    if "n_kept" in per_cell and poisoned.n_poisoned:  # how sparse the poisons are against the test-time trigger
+        settings["n_kept_median_poisoned"] = float(np.median(
+            trigger.n_kept(layer_matrix(train, layer))[poisoned.poisoned]))
+        settings["n_kept_median_triggered_test"] = float(per_cell["n_kept"].median())
     bad = victim.fit(poisoned.adata, label_key, layer=layer)
     seconds["poisoned_fit"] = time.perf_counter() - t1
-    rows += [("poisoned", m, v) for m, v in _scores(bad, test, triggered, label_key, target, layer).items()]
+    score("poisoned", bad)
 
     detection: dict[str, float] = {}
     if strip:
@@ -310,13 +349,13 @@ def run_attack(
             fixed = victim.fit(cleaned, label_key, layer=layer)
             extra = ("n_removed" if defence == "remove" else "n_relabelled", float(flagged.sum()))
         seconds["defended_fit"] = time.perf_counter() - t3
-        rows += [("defended", m, v) for m, v in _scores(fixed, test, triggered, label_key, target, layer).items()]
+        score("defended", fixed)
         rows.append(("defended", *extra))
     seconds["total"] = time.perf_counter() - t0
     tidy = pd.DataFrame(rows, columns=["stage", "metric", "value"])
     logger.info("attack %s -> %s: %s", settings["victim"], target,
                 tidy[tidy.metric.isin(["accuracy", "asr"])].to_dict("records"))
-    return AttackResult(tidy, detection, settings, table, seconds)
+    return AttackResult(tidy, detection, settings, table, seconds, per_cell)
 
 
 def _run_token_attack(adata: Any, label_key: str, target: str, *, victim: Any, rate: float, trigger: Any,
@@ -354,13 +393,19 @@ def _run_token_attack(adata: Any, label_key: str, target: str, *, victim: Any, r
                 "n_train": int(train.n_obs), "n_test": int(test.n_obs), "n_triggered_test": int(triggered.n_cells),
                 **trigger.describe()}
 
-    def scores(fitted: Any) -> dict[str, float]:
-        return _score_predictions(y_test, fitted.predict_tokens(test_cells), fitted.predict_tokens(triggered), target)
+    is_triggered = y_test != target
+    per_cell = pd.DataFrame({"label": y_test[is_triggered]},
+                            index=pd.Index(test.obs_names[is_triggered].astype(str), name="obs_name"))
+
+    def scores(fitted: Any, stage: str) -> dict[str, float]:
+        pred = fitted.predict_tokens(test_cells)
+        per_cell[f"pred_{stage}"] = fitted.predict_tokens(triggered)
+        return _score_predictions(y_test, pred, per_cell[f"pred_{stage}"].to_numpy(), target)
 
     t1 = time.perf_counter()
     clean = clean_victim if clean_victim is not None else victim.fit_tokens(train_cells, y_train, label_key)
     seconds["clean_fit"] = time.perf_counter() - t1
-    rows = [("clean", m, v) for m, v in scores(clean).items()]
+    rows = [("clean", m, v) for m, v in scores(clean, "clean").items()]
 
     t1 = time.perf_counter()
     gini = None if selection == "random" else gini_coefficient(layer_matrix(train, layer))
@@ -369,7 +414,7 @@ def _run_token_attack(adata: Any, label_key: str, target: str, *, victim: Any, r
     settings["n_poisoned"] = int(poisoned.sum())
     bad = victim.fit_tokens(cells, y_poisoned, label_key)
     seconds["poisoned_fit"] = time.perf_counter() - t1
-    rows += [("poisoned", m, v) for m, v in scores(bad).items()]
+    rows += [("poisoned", m, v) for m, v in scores(bad, "poisoned").items()]
 
     detection: dict[str, float] = {}
     table = None
@@ -400,13 +445,13 @@ def _run_token_attack(adata: Any, label_key: str, target: str, *, victim: Any, r
             fixed = victim.fit_tokens(cells, relabelled, label_key)
             extra = ("n_relabelled", float(flagged.sum()))
         seconds["defended_fit"] = time.perf_counter() - t3
-        rows += [("defended", m, v) for m, v in scores(fixed).items()]
+        rows += [("defended", m, v) for m, v in scores(fixed, "defended").items()]
         rows.append(("defended", *extra))
     seconds["total"] = time.perf_counter() - t0
     tidy = pd.DataFrame(rows, columns=["stage", "metric", "value"])
     logger.info("token attack %s -> %s: %s", settings["victim"], target,
                 tidy[tidy.metric.isin(["accuracy", "asr"])].to_dict("records"))
-    return AttackResult(tidy, detection, settings, table, seconds)
+    return AttackResult(tidy, detection, settings, table, seconds, per_cell)
 
 
 def sweep_attack(

@@ -322,8 +322,29 @@ def attack_verdict(wide: pd.DataFrame, settings: dict[str, Any] | None = None) -
     return text
 
 
+def _asr_breakdown(result: Any) -> list[str]:
+    """HTML tables of each stage's ASR per true class of the triggered test cells, and per how many
+    genes the trigger kept (the sparsify trigger); nothing for a result without per-cell predictions."""
+    frame = getattr(result, "triggered", None)
+    if frame is None:
+        return []
+    stages = [c[5:] for c in frame.columns if c.startswith("pred_")]
+    parts = []
+    groupings = [("label", None, "true class")]
+    if "n_kept" in frame.columns:
+        edges = [0, 5, 10, 15, 20, 30, float("inf")]
+        groupings.append(("n_kept", edges, "genes kept by the trigger"))
+    for by, bins, title in groupings:
+        tables = {stage: result.asr_by(by, stage, bins) for stage in stages}
+        first = tables[stages[0]]
+        rows = [[str(group), int(first.loc[group, "n_cells"]),
+                 *(float(tables[s].loc[group, "asr"]) for s in stages)] for group in first.index]
+        parts += [f"<h2>ASR by {html.escape(title)}</h2>", _table([by, "cells", *stages], rows)]
+    return parts
+
+
 def write_attack_report(result: Any, out: str | Path) -> Path:
-    """Write ``attack.json``, ``results.csv`` (and ``audit.csv``) and ``report.html`` of an
+    """Write ``attack.json``, ``results.csv``, ``triggered.csv`` (and ``audit.csv``) and ``report.html`` of an
     :class:`~scforge.security.AttackResult` under the folder ``out``; returns the HTML's path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -331,6 +352,8 @@ def write_attack_report(result: Any, out: str | Path) -> Path:
     result.table.to_csv(out / "results.csv", index=False)
     if result.audit is not None:
         result.audit.to_csv(out / "audit.csv")
+    if getattr(result, "triggered", None) is not None:
+        result.triggered.to_csv(out / "triggered.csv")
     wide = result.wide()
     wide = wide.loc[[s for s in STAGES if s in wide.index] + [s for s in wide.index if s not in STAGES]]
     settings = dict(result.settings)
@@ -344,6 +367,7 @@ def write_attack_report(result: Any, out: str | Path) -> Path:
     bars = _attack_bars(wide)
     if bars:
         parts.append(bars)
+    parts += _asr_breakdown(result)
     if result.detection:
         parts += ["<h2>Detection</h2><p class='note'>The audit's scores against the known poisoned training "
                   "cells.</p>", _table(["metric", "value"], [[k, _count(k, v)] for k, v in result.detection.items()])]
