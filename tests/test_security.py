@@ -414,6 +414,10 @@ def test_attack_keeps_per_cell_predictions_and_breaks_asr_down(ifnb_small):
         res.asr_by("label", "defended")
     with pytest.raises(ConfigError, match="cannot group by"):
         res.asr_by("pred_clean")
+    with pytest.raises(ConfigError, match="numeric column"):
+        res.asr_by("label", bins=[0, 10])
+    with pytest.raises(ConfigError, match="outside the bins"):  # no cell silently left out of the table
+        res.asr_by("n_kept", bins=[int(frame.n_kept.min()), 1000])
 
 
 def test_sweep_and_relabel_defence(cells):

@@ -110,7 +110,14 @@ class AttackResult:
         if by not in frame.columns or by.startswith("pred_"):
             raise ConfigError(f"cannot group by {by!r}; use one of "
                               f"{[c for c in frame.columns if not c.startswith('pred_')]}.")
-        groups = pd.cut(frame[by], bins=list(bins)) if bins is not None else frame[by]
+        groups = frame[by]
+        if bins is not None:
+            if not pd.api.types.is_numeric_dtype(groups):
+                raise ConfigError(f"bins need a numeric column; {by!r} holds labels (leave bins=None).")
+            groups = pd.cut(groups, bins=list(bins))
+            if groups.isna().any():
+                raise ConfigError(f"{int(groups.isna().sum())} triggered cells have {by} outside the bins "
+                                  f"{list(bins)} (edges are right-closed); widen the first or last edge.")
         hit = frame[column].astype(str) == str(self.settings["target"])
         out = hit.groupby(groups, observed=True).agg(["size", "mean"]).rename(columns={"size": "n_cells",
                                                                                     "mean": "asr"})
