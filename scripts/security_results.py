@@ -141,11 +141,8 @@ def run_split(adata, args, victim, victim_name: str, victim_seed: int, split_nam
                            **{k: v for k, v in res.settings.items() if k.startswith("n_kept_median")},
                            "seconds": {**res.seconds, "clean_fit": clean_s}})
         for by, bins in (("label", None), ("n_kept", N_KEPT_BINS)):
-            stages = [c[5:] for c in res.triggered.columns if c.startswith("pred_")]
-            parts = {stage: res.asr_by(by, stage, bins) for stage in stages}
-            for group in parts[stages[0]].index:
-                breakdown.append({**key, "by": by, "group": str(group), "n_cells": int(parts[stages[0]].loc[group, "n_cells"]),
-                                  **{f"asr_{stage}": float(parts[stage].loc[group, "asr"]) for stage in stages}})
+            table = res.asr_by_stages(by, bins)
+            breakdown += [{**key, "by": by, "group": str(group), **row, "n_cells": int(row["n_cells"])} for group, row in table.iterrows()]
         print(f"{victim_name:8s} {split_name:12s} {target:10s} {stop:g} seed {victim_seed}",
               wide[["accuracy", "asr"]].round(3).to_dict(),
               {k: round(float(v), 3) for k, v in res.detection.items()}, flush=True)

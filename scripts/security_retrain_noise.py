@@ -53,6 +53,9 @@ def main() -> None:
     train, test = split_cells(adata, key, split="random", seed=0)
     y = adata.obs[key].astype(str).to_numpy()
     rows = []
+    if args.drop_poison_target is not None:  # the cells poison() takes (same rule, rate and seed as security_results.py)
+        poisons = select_poison_cells(y[train], args.drop_poison_target, 0.05, method="gini",
+                                      gini=gini_coefficient(adata.X[train]), seed=0)
     drop_kind = "drop_random_85" if args.drop_poison_target is None else f"drop_poisons_{args.drop_poison_target}"
     runs = [("clean", s) for s in args.seeds] + [(drop_kind, s) for s in args.drop_seeds]
     for kind, seed in runs:
@@ -60,10 +63,8 @@ def main() -> None:
             cells = train
         elif args.drop_poison_target is None:  # a random 85 cells left out; the fit uses seed 0
             cells = np.sort(np.random.default_rng(seed).choice(train, size=len(train) - 85, replace=False))
-        else:  # the cells poison() would take (same rule, rate and seed as security_results.py), left out
-            chosen = select_poison_cells(y[train], args.drop_poison_target, 0.05, method="gini",
-                                         gini=gini_coefficient(adata.X[train]), seed=0)
-            cells = np.delete(train, chosen)
+        else:
+            cells = np.delete(train, poisons)
         fit_seed = 0 if kind == "drop_random_85" else seed
         victim = ModelVictim(scforge.load("default"), epochs=args.epochs, lr=args.lr, batch_size=32, max_length=256,
                              seed=fit_seed)

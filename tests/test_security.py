@@ -410,6 +410,11 @@ def test_attack_keeps_per_cell_predictions_and_breaks_asr_down(ifnb_small):
     # how sparse the poisons were against the triggered test cells
     assert res.settings["n_kept_median_triggered_test"] == float(frame["n_kept"].median())
     assert 1 <= res.settings["n_kept_median_poisoned"] <= frame["n_kept"].max()
+    assert res.stages == ["clean", "poisoned"]
+    side_by_side = res.asr_by_stages("n_kept", bins=[0, 10, 1000])
+    assert list(side_by_side.columns) == ["n_cells", "asr_clean", "asr_poisoned"]
+    np.testing.assert_allclose(side_by_side["asr_clean"], by_kept["asr"])
+    np.testing.assert_array_equal(side_by_side["n_cells"], by_kept["n_cells"])
     with pytest.raises(ConfigError, match="no stage 'defended'"):
         res.asr_by("label", "defended")
     with pytest.raises(ConfigError, match="cannot group by"):

@@ -96,6 +96,12 @@ class AttackResult:
     seconds: dict[str, float] = field(default_factory=dict)
     triggered: pd.DataFrame | None = None
 
+    @property
+    def stages(self) -> list[str]:
+        """The stages with per-cell predictions in :attr:`triggered` (``[]`` without them)."""
+        frame = self.triggered
+        return [] if frame is None else [c[len("pred_"):] for c in frame.columns if c.startswith("pred_")]
+
     def asr_by(self, by: str = "label", stage: str = "poisoned", bins: Sequence[float] | None = None) -> pd.DataFrame:
         """ASR of ``stage`` per group of triggered test cells: ``by`` a column of :attr:`triggered`
         (``"label"``: the cell's true class; ``"n_kept"``: how many genes the trigger left it), cut into
@@ -105,8 +111,7 @@ class AttackResult:
             raise ConfigError("this result has no per-cell predictions (it was saved before they were kept).")
         column = f"pred_{stage}"
         if column not in frame.columns:
-            raise ConfigError(f"no stage {stage!r} in this result; stages are "
-                              f"{[c[5:] for c in frame.columns if c.startswith('pred_')]}.")
+            raise ConfigError(f"no stage {stage!r} in this result; stages are {self.stages}.")
         if by not in frame.columns or by.startswith("pred_"):
             raise ConfigError(f"cannot group by {by!r}; use one of "
                               f"{[c for c in frame.columns if not c.startswith('pred_')]}.")
@@ -123,6 +128,14 @@ class AttackResult:
                                                                                     "mean": "asr"})
         out.index.name = by
         return out
+
+    def asr_by_stages(self, by: str = "label", bins: Sequence[float] | None = None) -> pd.DataFrame:
+        """:meth:`asr_by` for every stage side by side: columns ``n_cells`` and ``asr_<stage>``."""
+        tables = [self.asr_by(by, stage, bins) for stage in self.stages]
+        if not tables:
+            raise ConfigError("this result has no per-cell predictions (it was saved before they were kept).")
+        return pd.concat([tables[0]["n_cells"], *(t["asr"].rename(f"asr_{stage}")
+                                                  for t, stage in zip(tables, self.stages))], axis=1)
 
     def value(self, stage: str, metric: str) -> float:
         row = self.table[(self.table.stage == stage) & (self.table.metric == metric)]
@@ -317,7 +330,7 @@ def run_attack(
     settings["n_poisoned"] = poisoned.n_poisoned
     if "n_kept" in per_cell and poisoned.n_poisoned:  # how sparse the poisons are against the test-time trigger
         settings["n_kept_median_poisoned"] = float(np.median(
-            trigger.n_kept(layer_matrix(train, layer))[poisoned.poisoned]))
+            trigger.n_kept(layer_matrix(train, layer)[poisoned.poisoned])))
         settings["n_kept_median_triggered_test"] = float(per_cell["n_kept"].median())
     bad = victim.fit(poisoned.adata, label_key, layer=layer)
     seconds["poisoned_fit"] = time.perf_counter() - t1

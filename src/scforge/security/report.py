@@ -328,18 +328,14 @@ def _asr_breakdown(result: Any) -> list[str]:
     frame = getattr(result, "triggered", None)
     if frame is None:
         return []
-    stages = [c[5:] for c in frame.columns if c.startswith("pred_")]
-    parts = []
     groupings = [("label", None, "true class")]
     if "n_kept" in frame.columns:
-        edges = [0, 5, 10, 15, 20, 30, float("inf")]
-        groupings.append(("n_kept", edges, "genes kept by the trigger"))
+        groupings.append(("n_kept", [0, 5, 10, 15, 20, 30, float("inf")], "genes kept by the trigger"))
+    parts = []
     for by, bins, title in groupings:
-        tables = {stage: result.asr_by(by, stage, bins) for stage in stages}
-        first = tables[stages[0]]
-        rows = [[str(group), int(first.loc[group, "n_cells"]),
-                 *(float(tables[s].loc[group, "asr"]) for s in stages)] for group in first.index]
-        parts += [f"<h2>ASR by {html.escape(title)}</h2>", _table([by, "cells", *stages], rows)]
+        table = result.asr_by_stages(by, bins)
+        rows = [[str(group), int(row["n_cells"]), *row.iloc[1:].astype(float)] for group, row in table.iterrows()]
+        parts += [f"<h2>ASR by {html.escape(title)}</h2>", _table([by, "cells", *result.stages], rows)]
     return parts
 
 
