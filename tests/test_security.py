@@ -433,6 +433,24 @@ def test_sweep_and_relabel_defence(cells):
         run_attack(cells, KEY, "B", defence="burn")
 
 
+def test_run_attack_defence_flags_with_the_chosen_detectors(cells):
+    trigger = SparsifyTrigger(topnstop=4.0)
+    default = run_attack(cells, KEY, "B", victim="logistic", trigger=trigger, seed=0)
+    chosen = run_attack(cells, KEY, "B", victim="logistic", trigger=trigger, combine=("complexity", "level"),
+                        seed=0)
+    assert default.settings["combine"] is None and chosen.settings["combine"] == ["complexity", "level"]
+    table = chosen.audit
+    np.testing.assert_allclose(table["score"], table[["complexity_z", "level_z"]].max(axis=1))
+    assert table["knn_z"].max() > chosen.settings["threshold"]  # a kNN alarm that no longer flags
+    assert chosen.value("defended", "n_removed") == int(table["flagged"].sum())
+    assert chosen.value("defended", "n_removed") < default.value("defended", "n_removed")
+    assert chosen.detection["recall"] == 1.0 and chosen.value("defended", "asr") <= 0.1
+    with pytest.raises(ConfigError, match="model_level=True"):  # refused before any training
+        run_attack(cells, KEY, "B", victim="logistic", trigger=trigger, combine=("spectral",))
+    with pytest.raises(ConfigError, match="detector names"):
+        run_attack(cells, KEY, "B", victim="logistic", trigger=trigger, combine="level")
+
+
 def test_proportional_levels_keep_the_cells_own_order(cells):
     x = sp.csr_matrix(cells.X)
     got = SparsifyTrigger(topnstop=4.0, levels="proportional").apply(x, [5], seed=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from scforge.cli import main
@@ -32,6 +33,21 @@ def test_attack_command_writes_a_report(h5ad, tmp_path, capsys):
     assert saved["results"]["poisoned"]["asr"] == pytest.approx(runs[0]["results"]["poisoned"]["asr"], abs=1e-4)
     assert (out / "report.html").exists() and (out / "results.csv").exists()
     assert h5ad.read_bytes() == before  # the user's file is untouched
+
+
+def test_attack_command_defends_with_the_chosen_detectors(h5ad, tmp_path, capsys):
+    out = tmp_path / "combine"
+    assert main(["attack", str(h5ad), "--label-key", KEY, "--target", "B", "--topnstop", "4", "--combine",
+                 "complexity", "level", "--out", str(out)]) == 0
+    runs = json.loads(capsys.readouterr().out)
+    saved = json.loads((out / "attack.json").read_text())
+    assert saved["settings"]["combine"] == ["complexity", "level"]
+    audit_table = pd.read_csv(out / "audit.csv", index_col=0)
+    assert runs[0]["results"]["defended"]["n_removed"] == int(audit_table["flagged"].sum())
+    np.testing.assert_allclose(audit_table["score"], audit_table[["complexity_z", "level_z"]].max(axis=1))
+    assert main(["attack", str(h5ad), "--label-key", KEY, "--target", "B", "--combine", "clusters",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "model_level=True" in capsys.readouterr().err
 
 
 def test_attack_command_sweeps_targets(h5ad, tmp_path, capsys):

@@ -124,8 +124,10 @@ def test_wrong_victim_or_trigger_combinations_raise_config_errors(model, cells):
     scgpt = ScGPT.new(builtin_vocab("scgpt-human"), d_model=32, n_layers=1, n_heads=4, d_hid=48, max_seq_len=64)
     with pytest.raises(ConfigError, match="scgpt model.*Geneformer-family victim"):
         run_attack(cells, KEY, "B", victim=ModelVictim(scgpt, epochs=1), trigger=RankShuffleTrigger())
-    with pytest.raises(ConfigError, match="model_level and strip"):
+    with pytest.raises(ConfigError, match="model_level, strip and combine"):
         run_attack(cells, KEY, "B", victim=_victim(model), trigger=RankShuffleTrigger(), model_level=True)
+    with pytest.raises(ConfigError, match="model_level, strip and combine"):
+        run_attack(cells, KEY, "B", victim=_victim(model), trigger=RankShuffleTrigger(), combine=("level",))
     with pytest.raises(ConfigError, match="token triggers"):
         poison_tokens(_victim(model).tokenize(cells[:20].copy()), ["B"] * 10 + ["NK"] * 10, "B",
                       trigger=SparsifyTrigger())

@@ -388,7 +388,7 @@ def _cmd_attack(args: argparse.Namespace) -> int:
             res = run_attack(adata, args.label_key, target, victim=victim, rate=rate, trigger=trigger,
                              selection=args.selection, layer=args.layer, split=split, test_size=args.test_size,
                              defence=None if args.defence == "none" else args.defence, threshold=args.threshold,
-                             model_level=args.model_level, seed=args.seed, clean_victim=clean,
+                             combine=tuple(args.combine) if args.combine else None, model_level=args.model_level, seed=args.seed, clean_victim=clean,
                              strip=args.strip)
             folder = out if single else out / f"{target.replace(' ', '_').replace('/', '_')}_rate{rate:g}"
             report = res.save(folder)
@@ -658,6 +658,8 @@ def build_parser() -> argparse.ArgumentParser:
     atk.add_argument("--test-size", type=float, default=0.2)
     atk.add_argument("--defence", default="remove", choices=["remove", "relabel", "fine_prune", "none"])
     atk.add_argument("--threshold", type=float, default=5.0, help="audit flag threshold (robust z)")
+    atk.add_argument("--combine", nargs="+", default=None,
+                     help="detectors whose scores decide what the defence flags (default: the audit's data-level set)")
     atk.add_argument("--model-level", action="store_true", help="add the model-level detectors to the audit")
     atk.add_argument("--strip", action="store_true", help="also screen test cells with STRIP (test-time detection)")
     atk.add_argument("--C", type=float, default=0.1, help="L1-LR regularisation (logistic victim)")

@@ -246,6 +246,7 @@ def run_attack(
     test_size: float = 0.2,
     defence: str | None = "remove",
     threshold: float = 5.0,
+    combine: Sequence[str] | None = None,
     model_level: bool = False,
     seed: int = 0,
     clean_victim: Any = None,
@@ -262,7 +263,9 @@ def run_attack(
     CP10k of counts); ``defence``: ``"remove"`` / ``"relabel"`` the audit's flagged cells and retrain,
     ``"fine_prune"`` (model victims: :func:`~scforge.security.fine_prune` on ``trusted_fraction`` of the
     training cells, drawn from the cells that were not poisoned), or None; ``model_level``: add the
-    model-level detectors (on the poisoned victim) to the audit. ``clean_victim``: an already fitted
+    model-level detectors (on the poisoned victim) to the audit; ``combine``: the detectors whose
+    z-scores decide which cells the defence flags (:func:`~scforge.security.audit`'s ``combine``;
+    default its data-level set). ``clean_victim``: an already fitted
     clean victim on the same split to reuse (sweeps pass it). ``strip``: also screen the test cells of
     the poisoned model with STRIP (``strip_blends`` blends with clean training cells each) and report
     how well its entropy separates triggered from clean test cells (``detection["strip_auroc"]``).
@@ -286,13 +289,14 @@ def run_attack(
     obs_labels(adata, label_key, what="the attack experiment")
     trigger = SparsifyTrigger() if trigger is None else trigger
     if getattr(trigger, "name", "") == "rank_shuffle":
-        if model_level or strip:
-            raise ConfigError("model_level and strip read expression-level inputs; with the token trigger "
-                              "RankShuffleTrigger leave them off (the defence audits the tokens).")
+        if model_level or strip or combine is not None:
+            raise ConfigError("model_level, strip and combine apply to expression-level inputs; with the token "
+                              "trigger RankShuffleTrigger leave them off (the defence audits the tokens).")
         return _run_token_attack(adata, label_key, str(target), victim=victim, rate=rate, trigger=trigger,
                                  selection=selection or "random", layer=layer, split=split, test_size=test_size,
                                  defence=defence, threshold=threshold, seed=seed, clean_victim=clean_victim,
                                  trusted_fraction=trusted_fraction, token_knn=token_knn)
+    _check_combine(combine, model_level)
     selection = selection or "gini"
     victim = as_victim(victim, seed=seed)
     seconds: dict[str, float] = {}
@@ -307,8 +311,9 @@ def run_attack(
     triggered = trigger_cells(non_target, trigger, layer=layer, seed=seed + 1)
     settings = {"label_key": label_key, "target": target, "rate": float(rate), "selection": selection,
                 "victim": getattr(victim, "name", type(victim).__name__), "split": split if isinstance(split, str)
-                else list(split), "test_size": test_size, "defence": defence, "threshold": threshold, "seed": seed,
-                "n_train": int(train.n_obs), "n_test": int(test.n_obs), "n_triggered_test": int(non_target.n_obs),
+                else list(split), "test_size": test_size, "defence": defence, "threshold": threshold,
+                "combine": None if combine is None else list(combine), "seed": seed, "n_train": int(train.n_obs),
+                "n_test": int(test.n_obs), "n_triggered_test": int(non_target.n_obs),
                 **trigger.describe()}
     rows = []
     per_cell = pd.DataFrame({"label": non_target.obs[label_key].astype(str).to_numpy()},
@@ -345,7 +350,7 @@ def run_attack(
     if defence is not None:
         t2 = time.perf_counter()
         table = audit(poisoned.adata, label_key, layer=layer, model=bad if model_level else None,
-                      threshold=threshold, seed=seed)
+                      threshold=threshold, combine=None if combine is None else tuple(combine), seed=seed)
         seconds["audit"] = time.perf_counter() - t2
         flagged = table["flagged"].to_numpy()
         detection = detection_metrics(table["score"].to_numpy(), poisoned.poisoned, flagged)
@@ -376,6 +381,22 @@ def run_attack(
     logger.info("attack %s -> %s: %s", settings["victim"], target,
                 tidy[tidy.metric.isin(["accuracy", "asr"])].to_dict("records"))
     return AttackResult(tidy, detection, settings, table, seconds, per_cell)
+
+
+def _check_combine(combine: Sequence[str] | None, model_level: bool) -> None:
+    """Refuse, before any training, detectors the defence's audit will not run."""
+    from scforge.security.audit import DATA_DETECTORS, MODEL_DETECTORS
+
+    if combine is None:
+        return
+    if isinstance(combine, str) or not combine:
+        raise ConfigError(f"combine={combine!r}; give a list of detector names, e.g. ('level', 'complexity').")
+    known = DATA_DETECTORS + (MODEL_DETECTORS if model_level else ())
+    unknown = sorted(set(combine) - set(known))
+    if unknown:
+        hint = " (the model-level ones need model_level=True)" if set(unknown) <= set(MODEL_DETECTORS) else ""
+        raise ConfigError(f"combine names detectors that the defence's audit does not run: {unknown}{hint}; "
+                          f"choose from {list(known)}.")
 
 
 def _run_token_attack(adata: Any, label_key: str, target: str, *, victim: Any, rate: float, trigger: Any,
