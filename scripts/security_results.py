@@ -142,7 +142,8 @@ def run_split(adata, args, victim, victim_name: str, victim_seed: int, split_nam
                            "seconds": {**res.seconds, "clean_fit": clean_s}})
         for by, bins in (("label", None), ("n_kept", N_KEPT_BINS)):
             table = res.asr_by_stages(by, bins)
-            breakdown += [{**key, "by": by, "group": str(group), **row, "n_cells": int(row["n_cells"])} for group, row in table.iterrows()]
+            breakdown += [{**key, "by": by, "group": str(group), **row, "n_cells": int(row["n_cells"])}
+                          for group, row in table.iterrows()]
         print(f"{victim_name:8s} {split_name:12s} {target:10s} {stop:g} seed {victim_seed}",
               wide[["accuracy", "asr"]].round(3).to_dict(),
               {k: round(float(v), 3) for k, v in res.detection.items()}, flush=True)

@@ -71,8 +71,8 @@ def main() -> None:
         t0 = time.perf_counter()
         victim = victim.fit(adata[cells].copy(), key)
         acc = float((victim.predict(adata[test].copy()) == y[test]).mean())
-        rows.append({"kind": kind, "seed": seed, "fit_seed": fit_seed, "lr": args.lr, "epochs": args.epochs, "n_train": int(len(cells)),
-                     "accuracy": acc, "seconds": time.perf_counter() - t0})
+        rows.append({"kind": kind, "seed": seed, "fit_seed": fit_seed, "lr": args.lr, "epochs": args.epochs,
+                     "n_train": int(len(cells)), "accuracy": acc, "seconds": time.perf_counter() - t0})
         print(rows[-1], flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(rows, indent=1))

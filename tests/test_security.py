@@ -485,6 +485,8 @@ def test_audit_combines_data_level_detectors_unless_asked(cells):
     np.testing.assert_allclose(both["score"], both[["level_z", "spectral_z"]].max(axis=1))
     with pytest.raises(ConfigError, match="not run"):
         audit(cells, KEY, detectors=("level",), combine=("level", "knn"))
+    with pytest.raises(ConfigError, match="need a model"):  # refused before any detector runs
+        audit(cells, KEY, combine=("level", "spectral"))
 
 
 def test_top_variance_pca_matches_pca_on_the_most_variable_genes(cells):

@@ -388,8 +388,8 @@ def _cmd_attack(args: argparse.Namespace) -> int:
             res = run_attack(adata, args.label_key, target, victim=victim, rate=rate, trigger=trigger,
                              selection=args.selection, layer=args.layer, split=split, test_size=args.test_size,
                              defence=None if args.defence == "none" else args.defence, threshold=args.threshold,
-                             combine=tuple(args.combine) if args.combine else None, model_level=args.model_level, seed=args.seed, clean_victim=clean,
-                             strip=args.strip)
+                             combine=args.combine, model_level=args.model_level, seed=args.seed,
+                             clean_victim=clean, strip=args.strip)
             folder = out if single else out / f"{target.replace(' ', '_').replace('/', '_')}_rate{rate:g}"
             report = res.save(folder)
             parts.append(res.tidy())

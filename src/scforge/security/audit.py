@@ -165,6 +165,7 @@ def audit(
         raise ConfigError(f"unknown detectors {unknown}; choose from {DATA_DETECTORS + MODEL_DETECTORS}.")
     if any(d in MODEL_DETECTORS for d in wanted) and model is None:
         raise ConfigError(f"detectors {MODEL_DETECTORS} need a model (model=...).")
+    combine = check_combine(combine, wanted)
     labels = obs_labels(adata, label_key, what="the audit (it scores a labelled fine-tuning set)")
     x, is_counts = _expression(adata, layer)
     from scforge.baselines import log1p_cp10k
@@ -219,8 +220,6 @@ def audit(
     for name, z in zs.items():
         table[f"{name}_z"] = z
     names = [d for d in (combine if combine is not None else DATA_DETECTORS) if d in zs]
-    if combine is not None and len(names) < len(combine):
-        raise ConfigError(f"combine={combine} names detectors that were not run ({sorted(set(combine) - set(zs))}).")
     if not names:
         names = list(zs)
     zmat = np.column_stack([zs[k] for k in names])
@@ -230,6 +229,22 @@ def audit(
     table.attrs["summary"] = audit_summary(table, threshold=threshold, detectors=list(zs), label_key=label_key)
     table.attrs["summary"]["combined"] = names
     return table
+
+
+def check_combine(combine: Any, wanted: tuple[str, ...]) -> tuple[str, ...] | None:
+    """``combine`` as a tuple (None stays None), or :class:`ConfigError` when it is empty, a bare string
+    or names a detector outside ``wanted`` (the detectors that will run), before any of them runs."""
+    if combine is None:
+        return None
+    if isinstance(combine, str) or not len(combine):
+        raise ConfigError(f"combine={combine!r}; give a list of detector names, e.g. ('level', 'complexity').")
+    missing = sorted(set(combine) - set(wanted))
+    if missing:
+        hint = (" (the model-level ones need a model: model=..., or run_attack(model_level=True))"
+                if set(missing) <= set(MODEL_DETECTORS) else "")
+        raise ConfigError(f"combine={list(combine)} names detectors that are not run: {missing}{hint}; "
+                          f"the run detectors are {list(wanted)}.")
+    return tuple(combine)
 
 
 def _qualifies(flag: np.ndarray, groups: np.ndarray) -> np.ndarray:

@@ -296,7 +296,9 @@ def run_attack(
                                  selection=selection or "random", layer=layer, split=split, test_size=test_size,
                                  defence=defence, threshold=threshold, seed=seed, clean_victim=clean_victim,
                                  trusted_fraction=trusted_fraction, token_knn=token_knn)
-    _check_combine(combine, model_level)
+    from scforge.security.audit import DATA_DETECTORS, MODEL_DETECTORS, check_combine
+
+    combine = check_combine(combine, DATA_DETECTORS + (MODEL_DETECTORS if model_level else ()))
     selection = selection or "gini"
     victim = as_victim(victim, seed=seed)
     seconds: dict[str, float] = {}
@@ -350,7 +352,7 @@ def run_attack(
     if defence is not None:
         t2 = time.perf_counter()
         table = audit(poisoned.adata, label_key, layer=layer, model=bad if model_level else None,
-                      threshold=threshold, combine=None if combine is None else tuple(combine), seed=seed)
+                      threshold=threshold, combine=combine, seed=seed)
         seconds["audit"] = time.perf_counter() - t2
         flagged = table["flagged"].to_numpy()
         detection = detection_metrics(table["score"].to_numpy(), poisoned.poisoned, flagged)
@@ -381,22 +383,6 @@ def run_attack(
     logger.info("attack %s -> %s: %s", settings["victim"], target,
                 tidy[tidy.metric.isin(["accuracy", "asr"])].to_dict("records"))
     return AttackResult(tidy, detection, settings, table, seconds, per_cell)
-
-
-def _check_combine(combine: Sequence[str] | None, model_level: bool) -> None:
-    """Refuse, before any training, detectors the defence's audit will not run."""
-    from scforge.security.audit import DATA_DETECTORS, MODEL_DETECTORS
-
-    if combine is None:
-        return
-    if isinstance(combine, str) or not combine:
-        raise ConfigError(f"combine={combine!r}; give a list of detector names, e.g. ('level', 'complexity').")
-    known = DATA_DETECTORS + (MODEL_DETECTORS if model_level else ())
-    unknown = sorted(set(combine) - set(known))
-    if unknown:
-        hint = " (the model-level ones need model_level=True)" if set(unknown) <= set(MODEL_DETECTORS) else ""
-        raise ConfigError(f"combine names detectors that the defence's audit does not run: {unknown}{hint}; "
-                          f"choose from {list(known)}.")
 
 
 def _run_token_attack(adata: Any, label_key: str, target: str, *, victim: Any, rate: float, trigger: Any,
