@@ -41,8 +41,8 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=0.05)
     ap.add_argument("--topnstops", type=float, nargs="+", default=[2.0], help="trigger thresholds (logistic victim)")
     ap.add_argument("--model-topnstops", type=float, nargs="+", default=[2.0], help="trigger thresholds (model)")
-    ap.add_argument("--defence", default="remove", choices=["remove", "relabel", "fine_prune"],
-                    help="defence for the model victim (the logistic victim always uses remove)")
+    ap.add_argument("--defence", default="remove", choices=["remove", "relabel", "unlearn", "fine_prune"],
+                    help="defence after the audit (fine_prune: model victim only; the logistic victim then removes)")
     ap.add_argument("--selection", default="gini", choices=["gini", "gini_faithful", "random"],
                     help="which training cells are poisoned: gini (the highest-Gini cells of each non-target class), "
                          "gini_faithful (the published code's index behaviour) or random")
@@ -87,8 +87,8 @@ def main() -> None:
             if victim_name == "logistic":
                 if victim_seed != args.victim_seeds[0]:
                     continue  # L1-LR (liblinear) does not depend on a seed: one run
-                victim, targets, model_level, stops, defence = LogisticVictim(C=0.1), args.targets, False, \
-                    args.topnstops, "remove"
+                victim, targets, model_level, stops = LogisticVictim(C=0.1), args.targets, False, args.topnstops
+                defence = "remove" if args.defence == "fine_prune" else args.defence
             else:
                 import scforge
 

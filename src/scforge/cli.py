@@ -389,7 +389,7 @@ def _cmd_attack(args: argparse.Namespace) -> int:
                              selection=args.selection, layer=args.layer, split=split, test_size=args.test_size,
                              defence=None if args.defence == "none" else args.defence, threshold=args.threshold,
                              combine=args.combine, model_level=args.model_level, seed=args.seed,
-                             clean_victim=clean, strip=args.strip)
+                             clean_victim=clean, strip=args.strip, unlearn_copies=args.unlearn_copies)
             folder = out if single else out / f"{target.replace(' ', '_').replace('/', '_')}_rate{rate:g}"
             report = res.save(folder)
             parts.append(res.tidy())
@@ -656,7 +656,11 @@ def build_parser() -> argparse.ArgumentParser:
     atk.add_argument("--split-by", nargs=3, metavar=("COLUMN", "TRAIN", "TEST"),
                      help="train on obs[COLUMN]==TRAIN, test on ==TEST (default: stratified 80/20 hold-out)")
     atk.add_argument("--test-size", type=float, default=0.2)
-    atk.add_argument("--defence", default="remove", choices=["remove", "relabel", "fine_prune", "none"])
+    atk.add_argument("--defence", default="remove", choices=["remove", "relabel", "unlearn", "fine_prune", "none"],
+                     help="remove the flagged cells, relabel them, unlearn (remove them and add triggered copies "
+                          "of clean cells, trigger rebuilt from the flagged ones), fine-prune, or none")
+    atk.add_argument("--unlearn-copies", type=float, default=1.0,
+                     help="--defence unlearn: triggered clean copies added per flagged cell")
     atk.add_argument("--threshold", type=float, default=5.0, help="audit flag threshold (robust z)")
     atk.add_argument("--combine", nargs="+", default=None,
                      help="detectors whose scores decide what the defence flags (default: the audit's data-level set)")

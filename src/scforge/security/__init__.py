@@ -8,6 +8,7 @@ from scforge.security.defend import fine_prune
 from scforge.security.experiment import AttackResult, attack_success_rate, run_attack, split_cells, sweep_attack
 from scforge.security.triggers import FixedGeneTrigger, RankShuffleTrigger, SparsifyTrigger, trigger_from_name
 from scforge.security.detect import gene_token_counts, rank_consistency
+from scforge.security.unlearn import reconstruct_token_trigger, reconstruct_trigger, unlearning_set, unlearning_tokens
 from scforge.security.victims import LogisticVictim, ModelVictim, as_victim, require_token_victim
 
 __all__ = [
@@ -16,4 +17,5 @@ __all__ = [
     "audit", "audit_tokens", "level_consistency", "rank_consistency", "gene_token_counts",
     "run_attack", "sweep_attack", "AttackResult", "attack_success_rate", "split_cells",
     "LogisticVictim", "ModelVictim", "as_victim", "require_token_victim", "fine_prune",
+    "reconstruct_trigger", "reconstruct_token_trigger", "unlearning_set", "unlearning_tokens",
 ]

@@ -32,11 +32,12 @@ import pandas as pd
 from scforge._inputs import obs_labels
 from scforge.errors import ConfigError, InputDataError
 from scforge.metrics import classification_metrics
+from scforge.security.unlearn import check_copies, unlearning_set, unlearning_tokens
 
 __all__ = ["run_attack", "sweep_attack", "AttackResult", "split_cells", "attack_success_rate", "trigger_cells"]
 
 logger = logging.getLogger("scforge")
-ACTIONS = ("remove", "relabel", "fine_prune")
+ACTIONS = ("remove", "relabel", "unlearn", "fine_prune")
 
 
 def attack_success_rate(predictions: Any, target: str) -> float:
@@ -251,6 +252,7 @@ def run_attack(
     seed: int = 0,
     clean_victim: Any = None,
     trusted_fraction: float = 0.1,
+    unlearn_copies: float = 1.0,
     strip: bool = False,
     strip_blends: int = 8,
     token_knn: bool = True,
@@ -261,6 +263,8 @@ def run_attack(
     ``victim``: ``"logistic"`` (L1-LR), an scforge model or model folder (fine-tuned), or a victim
     object; ``trigger``: default :class:`~scforge.security.SparsifyTrigger` (``topnstop=2``, log1p
     CP10k of counts); ``defence``: ``"remove"`` / ``"relabel"`` the audit's flagged cells and retrain,
+    ``"unlearn"`` (remove them, add ``unlearn_copies`` x as many unflagged cells carrying the trigger
+    rebuilt from the flagged ones and their own labels, retrain: :func:`~scforge.security.unlearning_set`),
     ``"fine_prune"`` (model victims: :func:`~scforge.security.fine_prune` on ``trusted_fraction`` of the
     training cells, drawn from the cells that were not poisoned), or None; ``model_level``: add the
     model-level detectors (on the poisoned victim) to the audit; ``combine``: the detectors whose
@@ -286,6 +290,8 @@ def run_attack(
 
     if defence is not None and defence not in ACTIONS:
         raise ConfigError(f"defence={defence!r}; choose one of {ACTIONS} or None.")
+    if defence == "unlearn":
+        check_copies(unlearn_copies)
     obs_labels(adata, label_key, what="the attack experiment")
     trigger = SparsifyTrigger() if trigger is None else trigger
     if getattr(trigger, "name", "") == "rank_shuffle":
@@ -295,7 +301,8 @@ def run_attack(
         return _run_token_attack(adata, label_key, str(target), victim=victim, rate=rate, trigger=trigger,
                                  selection=selection or "random", layer=layer, split=split, test_size=test_size,
                                  defence=defence, threshold=threshold, seed=seed, clean_victim=clean_victim,
-                                 trusted_fraction=trusted_fraction, token_knn=token_knn)
+                                 trusted_fraction=trusted_fraction, token_knn=token_knn,
+                                 unlearn_copies=unlearn_copies)
     from scforge.security.audit import DATA_DETECTORS, MODEL_DETECTORS, check_combine
 
     combine = check_combine(combine, DATA_DETECTORS + (MODEL_DETECTORS if model_level else ()))
@@ -371,10 +378,15 @@ def run_attack(
         else:
             if defence == "remove":
                 cleaned = poisoned.adata[~flagged].copy()
+            elif defence == "unlearn":
+                cleaned, info = unlearning_set(poisoned.adata, label_key, flagged, layer=layer,
+                                               copies=unlearn_copies, seed=seed)
+                settings["unlearn"] = info
+                rows.append(("defended", "n_unlearn_copies", float(info["n_added"])))
             else:
                 cleaned = _relabel(poisoned.adata, label_key, flagged, layer, seed)
             fixed = victim.fit(cleaned, label_key, layer=layer)
-            extra = ("n_removed" if defence == "remove" else "n_relabelled", float(flagged.sum()))
+            extra = ("n_relabelled" if defence == "relabel" else "n_removed", float(flagged.sum()))
         seconds["defended_fit"] = time.perf_counter() - t3
         score("defended", fixed)
         rows.append(("defended", *extra))
@@ -388,6 +400,7 @@ def run_attack(
 def _run_token_attack(adata: Any, label_key: str, target: str, *, victim: Any, rate: float, trigger: Any,
                       selection: str, layer: str | None, split: Any, test_size: float, defence: str | None,
                       threshold: float, seed: int, clean_victim: Any, trusted_fraction: float,
+                      unlearn_copies: float,
                       token_knn: bool) -> AttackResult:
     """:func:`run_attack` with a token trigger (scBackdoor's Geneformer attack); see the module docstring."""
     from scforge.baselines import log1p_cp10k
@@ -464,6 +477,12 @@ def _run_token_attack(adata: Any, label_key: str, target: str, *, victim: Any, r
             extra = ("n_trusted", float(n_trusted))
         elif defence == "remove":
             fixed = victim.fit_tokens(cells.select(np.flatnonzero(~flagged)), y_poisoned[~flagged], label_key)
+            extra = ("n_removed", float(flagged.sum()))
+        elif defence == "unlearn":
+            kept, kept_y, info = unlearning_tokens(cells, y_poisoned, flagged, copies=unlearn_copies, seed=seed)
+            settings["unlearn"] = info
+            rows.append(("defended", "n_unlearn_copies", float(info["n_added"])))
+            fixed = victim.fit_tokens(kept, kept_y, label_key)
             extra = ("n_removed", float(flagged.sum()))
         else:
             labelled = train.copy()

@@ -316,7 +316,12 @@ def attack_verdict(wide: pd.DataFrame, settings: dict[str, Any] | None = None) -
             n = next((v for v in (get("defended", "n_removed"), get("defended", "n_relabelled")) if v is not None),
                      None)
             how = f" ({settings['defence']}: {int(round(n))} cells)" if settings.get("defence") and n is not None else ""
+            copies = get("defended", "n_unlearn_copies")
+            if how and copies is not None:
+                how = f" ({settings['defence']}: {int(round(n))} cells removed, {int(round(copies))} triggered copies added)"
             text += f" The defence undid {undone:.0%} of the attack's ASR gain{how}."
+            if d < c - 0.02:
+                text += f" The defended model's ASR is below the clean model's own ({c:.2f})."
         else:
             text += f" The backdoor raised the ASR by {gain:.2f}; no defence was run."
     return text
