@@ -178,3 +178,20 @@ def test_attack_verdict_names_the_copies_and_an_asr_below_the_clean_model():
                              {"defence": "remove"})
     assert "(remove: 90 cells)" in removal and "below the clean model" in removal
     assert "below the clean model" not in attack_verdict(wide.assign(asr=[0.215, 0.952, 0.2]), {"defence": "remove"})
+
+
+def test_token_attack_with_the_unlearning_defence(cells):
+    import torch
+
+    from scforge.security import ModelVictim
+
+    torch.set_num_threads(1)
+    model = Geneformer.new(GeneformerConfig(vocab_size=25426, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                            intermediate_size=64, max_position_embeddings=256), "geneformer-v1", seed=0)
+    victim = ModelVictim(model, epochs=1, lr=1e-3, batch_size=16, max_length=64, val_fraction=0.0, precision="fp32")
+    sub = cells[np.r_[0:150, 400:550]].copy()
+    res = run_attack(sub, KEY, "B", victim=victim, trigger=RankShuffleTrigger(), defence="unlearn", seed=1)
+    info = res.settings["unlearn"]
+    assert info["trigger"] == {"trigger": "rank_shuffle", "top": 20} and info["suspected_target"] == "B"
+    assert info["n_added"] == res.value("defended", "n_removed") == res.value("defended", "n_unlearn_copies") >= 1
+    assert 0.0 <= res.value("defended", "asr") <= 1.0
