@@ -195,3 +195,19 @@ def test_token_attack_with_the_unlearning_defence(cells):
     assert info["trigger"] == {"trigger": "rank_shuffle", "top": 20} and info["suspected_target"] == "B"
     assert info["n_added"] == res.value("defended", "n_removed") == res.value("defended", "n_unlearn_copies") >= 1
     assert 0.0 <= res.value("defended", "asr") <= 1.0
+
+
+def test_unlearning_set_triggers_the_given_layer_only(cells):
+    adata = cells.copy()
+    adata.layers["counts"] = adata.X.copy()
+    adata.X = sp.csr_matrix(adata.X, dtype=np.float32) * 2  # something else in X
+    p = poison(adata, KEY, "B", rate=0.05, trigger=SparsifyTrigger(topnstop=4.0), layer="counts", seed=0)
+    out, info = unlearning_set(p.adata, KEY, p.poisoned, layer="counts", seed=0)
+    copies = out.obs_names.str.endswith("-unlearn")
+    source = out.obs_names[copies].str.replace("-unlearn", "", regex=False)
+    assert info["n_added"] == copies.sum() > 0
+    kept = np.diff(sp.csr_matrix(out[copies].layers["counts"]).indptr)
+    assert (kept < np.diff(sp.csr_matrix(p.adata[source].layers["counts"]).indptr)).all()  # the layer is sparsified
+    assert (sp.csr_matrix(out[copies].X) != sp.csr_matrix(p.adata[source].X)).nnz == 0  # X is left as it was
+    with pytest.raises(InputDataError, match="no column 'nope'"):
+        unlearning_set(p.adata, "nope", p.poisoned, layer="counts")
