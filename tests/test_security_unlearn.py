@@ -161,6 +161,9 @@ def test_attack_command_unlearn_defence(ifnb_small, tmp_path, capsys):
     assert info["n_added"] == round(0.5 * info["n_removed"])
     assert runs[0]["results"]["defended"]["n_unlearn_copies"] == info["n_added"]
     assert path.read_bytes() == before
+    assert main(["attack", str(path), "--label-key", KEY, "--target", "B", "--defence", "unlearn",
+                 "--unlearn-copies", "-1", "--out", str(tmp_path / "bad")]) == 2
+    assert "copies must be a finite number >= 0" in capsys.readouterr().err
     page = (out / "report.html").read_text()
     assert f"unlearn: {info['n_removed']} cells removed, {info['n_added']} triggered copies added" in page
 

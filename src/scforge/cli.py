@@ -376,6 +376,10 @@ def _cmd_attack(args: argparse.Namespace) -> int:
         if not args.trigger_genes:
             raise ScforgeError("--trigger fixed_genes needs --trigger-genes GENE [GENE ...].")
         trigger = FixedGeneTrigger(tuple(args.trigger_genes), quantile=args.quantile)
+    if args.defence == "unlearn":  # refuse a bad setting before the clean victim trains
+        from scforge.security.unlearn import check_copies
+
+        check_copies(args.unlearn_copies)
     clean = None  # fitted once and shared by every run (the token path fits its own on tokens)
     if args.trigger != "rank_shuffle":
         train_idx, _ = split_cells(adata, args.label_key, split=split, test_size=args.test_size, seed=args.seed)
