@@ -3,7 +3,7 @@ after removing (or unlearning) the cells flagged by the chosen detectors (docs/r
 
     .venv/bin/python scripts/security_defence_detectors.py --seeds 0 1 2 3 4      # ~25 min
     .venv/bin/python scripts/security_defence_detectors.py --defence unlearn --combine level sparsity \
-        complexity anomaly knn --splits holdout ctrl_to_stim --seeds 0 1 2 3 4     # ~45 min
+        complexity anomaly knn --splits holdout ctrl_to_stim --seeds 0 1 2 3 4     # ~55 min
 
 ifnb, 1,200 HVGs, sparsify trigger topnstop 5, 5% Gini-selected poisons, the default model fine-tuned
 10 epochs at lr 3e-4 (the "steadier victim" of docs/results.md). For each split, target and
@@ -13,8 +13,8 @@ flagged cells; ``unlearn``: drop them and add triggered copies of unflagged cell
 :func:`scforge.security.unlearning_set`), retrain, and score clean accuracy and ASR on the triggered
 non-target test cells. Only the defended fit runs here; the clean and removal stages come from
 ``--reference`` (security_results.py's ``results_all_seeds.csv``: same splits, poisons, trigger and
-seeds), and the differences against them are printed at the end. Writes
-``defence_[<defence>_]<detectors>.json`` under ``--out``.
+seeds) or, with ``--fit-clean``, the clean victim is fitted here too; the differences against the same
+seed's clean model are printed at the end. Writes ``defence_[<defence>_]<detectors>.json`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -77,12 +77,12 @@ def main() -> None:
             flagged = table["flagged"].to_numpy()
             non_target = test[truth != target].copy()
             triggered = trigger_cells(non_target, trigger, seed=1)  # run_attack's test-time trigger (seed + 1)
-            for seed in seeds:  # run_attack's defence uses the attack's seed (0) for its copies
-                info: dict = {}
-                if args.defence == "remove":
-                    cleaned = p.adata[~flagged].copy()
-                else:
-                    cleaned, info = unlearning_set(p.adata, KEY, flagged, seed=0)
+            info: dict = {}
+            if args.defence == "remove":
+                cleaned = p.adata[~flagged].copy()
+            else:  # run_attack's defence uses the attack's seed (0) for its copies
+                cleaned, info = unlearning_set(p.adata, KEY, flagged, seed=0)
+            for seed in seeds:
                 victim = ModelVictim(scforge.load("default"), epochs=10, lr=3e-4, batch_size=32, max_length=256,
                                      seed=seed)
                 t0 = time.perf_counter()

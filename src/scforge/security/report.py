@@ -315,10 +315,10 @@ def attack_verdict(wide: pd.DataFrame, settings: dict[str, Any] | None = None) -
             undone = min(max((p - d) / gain, 0.0), 1.0)
             n = next((v for v in (get("defended", "n_removed"), get("defended", "n_relabelled")) if v is not None),
                      None)
-            how = f" ({settings['defence']}: {int(round(n))} cells)" if settings.get("defence") and n is not None else ""
             copies = get("defended", "n_unlearn_copies")
-            if how and copies is not None:
-                how = f" ({settings['defence']}: {int(round(n))} cells removed, {int(round(copies))} triggered copies added)"
+            what = f"{int(round(n or 0))} cells" + ("" if copies is None else
+                                                    f" removed, {int(round(copies))} triggered copies added")
+            how = f" ({settings['defence']}: {what})" if settings.get("defence") and n is not None else ""
             text += f" The defence undid {undone:.0%} of the attack's ASR gain{how}."
             if d < c - 0.02:
                 text += f" The defended model's ASR is below the clean model's own ({c:.2f})."

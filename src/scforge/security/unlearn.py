@@ -48,6 +48,16 @@ def _flag_mask(flagged: Any, n: int) -> np.ndarray:
     return mask
 
 
+def _flagged_median(lengths: np.ndarray, mask: np.ndarray, max_ratio: float) -> float | None:
+    """The flagged cells' median length (genes or tokens), or None when it is above ``max_ratio`` x the
+    unflagged cells' median (the flagged cells are not sparse: no sparsity trigger to rebuild)."""
+    if not mask.any() or mask.all():
+        raise InputDataError(f"{int(mask.sum())} of {mask.size} cells are flagged; rebuilding a trigger needs "
+                             "flagged and unflagged cells.")
+    k_flagged = float(np.median(lengths[mask]))
+    return None if k_flagged > max_ratio * float(np.median(lengths[~mask])) else k_flagged
+
+
 def check_copies(copies: float) -> None:
     if not np.isfinite(copies) or copies < 0:
         raise ConfigError(f"copies must be a finite number >= 0 (triggered copies per flagged cell), got {copies}.")
@@ -60,8 +70,8 @@ def reconstruct_trigger(x: Any, flagged: Any, *, scale: str | None = None, max_s
 
     ``scale``: as in :class:`~scforge.security.SparsifyTrigger`; default ``"log1p"`` for counts and
     ``"values"`` for an already normalised matrix. ``topnstop``: the smallest threshold (steps of
-    0.125 on log CP10k; the values' percentiles with ``"values"``) at which the unflagged cells' median number of kept genes is closest to the flagged cells'
-    median number of expressed genes. ``levels``: ``"random"`` when the flagged cells' median level
+    0.125 on log CP10k; the values' percentiles with ``"values"``) at which the unflagged cells' median
+    number of kept genes is closest to the flagged cells' median number of expressed genes. ``levels``: ``"random"`` when the flagged cells' median level
     consistency is below half the unflagged cells' (the levels were redrawn), else ``"proportional"``."""
     from scforge.matrix import check_values, looks_like_counts, require_counts
     from scforge.security.audit import level_consistency
@@ -74,18 +84,15 @@ def reconstruct_trigger(x: Any, flagged: Any, *, scale: str | None = None, max_s
     if scale != "values":
         require_counts(x, "the matrix to rebuild the trigger from")
     mask = _flag_mask(flagged, x.shape[0])
-    if not mask.any() or mask.all():
-        raise InputDataError(f"{int(mask.sum())} of {mask.size} cells are flagged; rebuilding a trigger needs "
-                             "flagged and unflagged cells.")
-    nnz = np.diff(x.indptr)
-    k_flagged, k_clean = float(np.median(nnz[mask])), float(np.median(nnz[~mask]))
-    if k_flagged > max_sparsity_ratio * k_clean:
+    k_flagged = _flagged_median(np.diff(x.indptr), mask, max_sparsity_ratio)
+    if k_flagged is None:
         return None
     clean = x[~mask]
     values = SparsifyTrigger(scale=scale)._compare_values(clean)
     rows = np.repeat(np.arange(clean.shape[0]), np.diff(values.indptr))
     # candidate thresholds: a fixed grid on log1p / log2 CP10k, the values' own quantiles otherwise
-    grid = _GRID if scale != "values" or values.nnz == 0 else np.unique(np.quantile(values.data, np.linspace(0, 0.999, 97)))
+    grid = _GRID if scale != "values" or values.nnz == 0 else \
+        np.unique(np.quantile(values.data, np.linspace(0, 0.999, 97)))
     medians = np.array([np.median(np.maximum(np.bincount(rows[values.data > t], minlength=clean.shape[0]), 1))
                         for t in grid])
     topnstop = float(grid[int(np.argmin(np.abs(medians - k_flagged)))])
@@ -103,15 +110,8 @@ def reconstruct_token_trigger(cells: Any, flagged: Any, *, max_sparsity_ratio: f
     from scforge.security.detect import gene_token_counts
     from scforge.security.triggers import RankShuffleTrigger
 
-    mask = _flag_mask(flagged, cells.n_cells)
-    if not mask.any() or mask.all():
-        raise InputDataError(f"{int(mask.sum())} of {mask.size} cells are flagged; rebuilding a trigger needs "
-                             "flagged and unflagged cells.")
-    lengths = gene_token_counts(cells)
-    k_flagged, k_clean = float(np.median(lengths[mask])), float(np.median(lengths[~mask]))
-    if k_flagged > max_sparsity_ratio * k_clean:
-        return None
-    return RankShuffleTrigger(top=max(1, int(round(k_flagged))))
+    k_flagged = _flagged_median(gene_token_counts(cells), _flag_mask(flagged, cells.n_cells), max_sparsity_ratio)
+    return None if k_flagged is None else RankShuffleTrigger(top=max(1, int(round(k_flagged))))
 
 
 def suspected_target(labels: Any, flagged: Any) -> str | None:
@@ -142,8 +142,8 @@ def _info(trigger: Any, n_removed: int, n_added: int, target: str | None) -> dic
 def unlearning_set(adata: Any, label_key: str, flagged: Any, *, layer: str | None = None, copies: float = 1.0,
                    trigger: Any = None, seed: int = 0) -> tuple[Any, dict[str, Any]]:
     """``(training set, info)``: ``adata`` without its ``flagged`` cells, plus ``copies`` x that many
-    unflagged cells (drawn at random outside :func:`suspected_target`) with ``trigger`` applied to ``layer`` (or X) and their labels in
-    ``obs[label_key]`` kept; their names end in ``-unlearn``. ``trigger`` defaults to
+    unflagged cells (drawn at random outside :func:`suspected_target`) with ``trigger`` applied to
+    ``layer`` (or X) and their labels in ``obs[label_key]`` kept; their names end in ``-unlearn``. ``trigger`` defaults to
     :func:`reconstruct_trigger` of the flagged cells; when none can be rebuilt nothing is added.
     ``info``: the trigger used (``describe()``), ``n_removed``, ``n_added``, ``suspected_target``.
     ``adata`` is not changed."""
